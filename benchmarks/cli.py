@@ -1,0 +1,178 @@
+"""`eebench` command line: run, leaderboard, plot, methods, tasks, suites, glossary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_SUITE = "quick"
+
+
+def _split_list(values: Sequence[str] | None) -> list[str] | None:
+    """Accept both `--methods a,b` and `--methods a b` (and mixtures)."""
+    if values is None:
+        return None
+    return [item for value in values for item in value.replace(",", " ").split()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eebench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fine-tune and evaluate a suite of jobs; results go to --out")
+    run.add_argument("--suite", default=DEFAULT_SUITE, help=f"named suite (default {DEFAULT_SUITE}; see `eebench suites`)")
+    run.add_argument("--methods", nargs="+", help="override the suite's methods (a,b or a b)")
+    run.add_argument("--tasks", nargs="+", help="override the suite's tasks")
+    run.add_argument("--seeds", nargs="+", help="override the suite's seeds")
+    run.add_argument("--backbone", help="minilm (offline default), tiny-bert, a hub name or a local folder")
+    run.add_argument("--data-dir", help="GLUE-layout folder (e.g. ../shared/data/glue); default: the suite's, else the hub")
+    run.add_argument("--out", help="results directory (default runs/<suite>)")
+    run.add_argument("--train-limit", type=int, help="deterministic subsample of the training split")
+    run.add_argument("--eval-limit", type=int, help="deterministic subsample of the dev split")
+    run.add_argument("--epochs", type=float, help="override the suite's fine-tuning epochs")
+    run.add_argument("--timing-examples", type=int, help="dev examples used for wall-clock timing")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
+    run.add_argument("--cache-dir", help="fine-tuned checkpoint cache (default $EEBENCH_CACHE or .eebench_cache)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
+                       ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
+    sub.add_parser("methods", help="list registered methods (built-in and plugins)")
+    sub.add_parser("tasks", help="list tasks")
+    sub.add_parser("suites", help="list suites and what they run")
+    sub.add_parser("glossary", help="print the definition of every reported metric")
+    return parser
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from eebench.leaderboard import leaderboard, load_records, to_markdown
+    from eebench.methods import get_method_class
+    from eebench.runner import run_jobs
+    from eebench.suites import get_suite
+    from eebench.tasks import get_task
+
+    suite = get_suite(args.suite)
+    methods, tasks, seeds = _split_list(args.methods), _split_list(args.tasks), _split_list(args.seeds)
+    for name in methods or []:
+        get_method_class(name)  # unknown names fail here, before any work
+    for name in tasks or []:
+        get_task(name)
+    try:
+        seed_values = tuple(int(s) for s in seeds) if seeds else None
+    except ValueError as error:
+        raise ValueError(f"--seeds takes integers, got {seeds}") from error
+    suite = suite.with_overrides(methods=tuple(methods) if methods else None, tasks=tuple(tasks) if tasks else None,
+                                 seeds=seed_values, backbone=args.backbone, data_dir=args.data_dir,
+                                 train_limit=args.train_limit, eval_limit=args.eval_limit)
+    if args.epochs is not None:
+        suite = replace(suite, train=replace(suite.train, epochs=args.epochs))
+    if args.timing_examples is not None:
+        suite = replace(suite, eval=replace(suite.eval, timing_examples=args.timing_examples))
+    out = Path(args.out or f"runs/{suite.name}")
+    jobs = suite.jobs(_device(args.device))
+    print(f"eebench run: {len(jobs)} job(s) of suite '{suite.name}' -> {out}")
+    started = time.perf_counter()
+    summary = run_jobs(jobs, out, Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    print(f"\n{len(summary['done'])} job(s) run, {len(summary['skipped'])} already done, "
+          f"{len(summary['unsupported'])} unsupported, in {elapsed:.0f} s.")
+    records = load_records(out)
+    if len(records):
+        print()
+        print(to_markdown(leaderboard(records)))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from eebench.leaderboard import to_markdown, write_leaderboard
+    board, path = write_leaderboard(args.results)
+    print(to_markdown(board))
+    print(f"\nwritten to {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from eebench.plots.curves import write_figures
+    paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from eebench.methods import list_methods
+    rows = [(m.name, m.granularity, ",".join(m.task_kinds), ",".join(m.knob_names), m.origin, m.summary)
+            for m in list_methods()]
+    _print_table(("name", "granularity", "task types", "knobs", "origin", "summary"), rows)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from eebench.tasks import get_task, task_names
+    rows = []
+    for name in task_names():
+        spec = get_task(name)
+        rows.append((name, spec.kind, str(spec.num_labels), ",".join(spec.metric_names), spec.description))
+    _print_table(("name", "kind", "labels", "metrics", "description"), rows)
+    return 0
+
+
+def cmd_suites(args: argparse.Namespace) -> int:
+    from eebench.suites import SUITES
+    rows = [(s.name, ",".join(s.methods), ",".join(s.tasks), ",".join(map(str, s.seeds)), s.backbone,
+             s.launch_command()) for s in SUITES.values()]
+    _print_table(("suite", "methods", "tasks", "seeds", "backbone", "command"), rows)
+    return 0
+
+
+def cmd_glossary(args: argparse.Namespace) -> int:
+    from eebench.costs import GLOSSARY
+    for name, text in GLOSSARY.items():
+        print(f"- {name}: {text}")
+    return 0
+
+
+def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "plot": cmd_plot, "methods": cmd_methods,
+            "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("eebench: interrupted; finished jobs are stored, a rerun resumes after them", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as error:
+        if os.environ.get("EEBENCH_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"eebench: error: {message}\n(set EEBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

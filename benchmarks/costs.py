@@ -1,0 +1,79 @@
+"""Cost accounting, defined once: layers executed -> saved-layer speed-up, FLOPs and FLOPs speed-up.
+
+Every number derives from what a method reported per example (`ExitOutput`): the layers it executed
+(per token for token-wise methods) and the MACs its exit heads spent. `GLOSSARY` is the single definition
+of every metric; the README's glossary is printed from it (`eebench glossary`).
+
+FLOPs convention (../shared/docs/methods/README.md): per layer, with n visible tokens (keys/values) and
+q query tokens updated, hidden size d and FFN inner size f (= 4d for BERT-style models):
+
+    MACs = 2·q·d² (Q, output proj.) + 2·n·d² (K, V proj.) + 2·q·d·f (FFN) + 2·q·n·d (scores, weighted sum)
+
+which for f = 4d is the spec's (10q + 2n)·d² + 2·q·n·d. FLOPs = 2 x MACs. Embeddings, LayerNorm, biases
+and softmax are excluded; the exit heads that were actually evaluated are included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GLOSSARY: dict[str, str] = {
+    "num_layers": "L, the number of transformer layers of the backbone.",
+    "exit_layer": "per example: the number of layers executed, 1..L (layer i exits after computing layers 1..i).",
+    "mean_exit_layer": "mean over examples of exit_layer.",
+    "saved_layer_speedup": "L x N / sum_i exit_layer_i = L / mean_exit_layer (token-wise methods: token-weighted, "
+                           "L x sum_i n_i / sum_i sum_t layers_it). The papers' 'x' ratio. NOT the '1 - avg/L' that "
+                           "PABEE's and ConsistentEE's code print as 'speed-up' (= saved_layer_fraction).",
+    "saved_layer_fraction": "1 - mean_exit_layer / L, what PABEE/PCEE/ConsistentEE code logs as 'Speed Up'.",
+    "flops": "per example: 2 x [sum over executed layers of MACs(q, n) + MACs of the exit heads evaluated], "
+             "MACs(q, n) = 2qd^2 + 2nd^2 + 2qdf + 2qnd, n = the example's real (unpadded) token count.",
+    "flops_speedup": "sum_i flops_full_i / sum_i flops_i, the full model = L layers + its final head only.",
+    "wallclock_speedup": "t_full / t_method: median over repeats of the time to run the same timing examples at "
+                         "the same batch size, in the same process, after warm-up (perf_counter on CPU; CUDA "
+                         "events + synchronize on GPU). Batched runs drop exited examples from the batch.",
+    "metric": "the task's primary metric on dev (accuracy, F1, Matthews corr., Spearman), 0-1 scale.",
+}
+
+
+def layer_macs(queries: np.ndarray | float, keys: np.ndarray | float, hidden: int, ffn: int) -> np.ndarray:
+    """MACs of one transformer layer updating `queries` tokens that attend over `keys` tokens."""
+    q = np.asarray(queries, dtype=np.float64)
+    n = np.asarray(keys, dtype=np.float64)
+    d, f = float(hidden), float(ffn)
+    return 2 * q * d * d + 2 * n * d * d + 2 * q * d * f + 2 * q * n * d
+
+
+def layerwise_token_counts(exit_layer: np.ndarray, n_tokens: np.ndarray, num_layers: int) -> np.ndarray:
+    """Per example and layer, the tokens updated: (N, L) with n_tokens where layer <= exit_layer, else 0."""
+    layers = np.arange(1, num_layers + 1)[None, :]
+    executed = layers <= np.asarray(exit_layer)[:, None]
+    return np.where(executed, np.asarray(n_tokens, dtype=np.float64)[:, None], 0.0)
+
+
+def example_flops(queries: np.ndarray, keys: np.ndarray, head_macs: np.ndarray, hidden: int, ffn: int) -> np.ndarray:
+    """FLOPs per example: queries, keys (N, L) token counts per layer (0 = layer skipped); head_macs (N,)."""
+    per_layer = np.where(np.asarray(queries) > 0, layer_macs(queries, keys, hidden, ffn), 0.0)
+    return 2.0 * (per_layer.sum(axis=1) + np.asarray(head_macs, dtype=np.float64))
+
+
+def layerwise_flops(exit_layer: np.ndarray, n_tokens: np.ndarray, head_macs: np.ndarray,
+                    num_layers: int, hidden: int, ffn: int) -> np.ndarray:
+    """FLOPs per example for a layer-wise method (every token of an example runs the same layers)."""
+    counts = layerwise_token_counts(exit_layer, n_tokens, num_layers)
+    return example_flops(counts, counts, head_macs, hidden, ffn)
+
+
+def saved_layer_speedup(exit_layer: np.ndarray, num_layers: int) -> float:
+    """L x N / sum of layers executed."""
+    exit_layer = np.asarray(exit_layer, dtype=np.float64)
+    return float(num_layers * len(exit_layer) / exit_layer.sum())
+
+
+def token_weighted_speedup(token_layers: np.ndarray, n_tokens: np.ndarray, num_layers: int) -> float:
+    """L x (real tokens) / sum of per-token layers executed; token_layers (N, S) with 0 at padding."""
+    return float(num_layers * np.asarray(n_tokens).sum() / np.asarray(token_layers).sum())
+
+
+def ratio(full: np.ndarray | float, method: np.ndarray | float) -> float:
+    """sum(full) / sum(method): how many times cheaper the method is than the full model."""
+    return float(np.sum(full) / np.sum(method))

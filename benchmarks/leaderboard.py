@@ -1,0 +1,275 @@
+"""Results store (``DIR/records.jsonl``) -> per-seed scores -> leaderboard table and markdown.
+
+Units: metrics are on the records' own scale (0..1 for accuracy/F1, a correlation for MCC/Spearman)
+and are shown x100 in markdown; speed-ups are ratios (full-model cost / point cost, 1.0 = no gain).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RECORDS_FILE = "records.jsonl"
+LEADERBOARD_FILE = "leaderboard.md"
+
+REQUIRED_FIELDS = (
+    "method", "task", "seed", "backbone", "knob", "knob_label", "is_full_model", "metric_name",
+    "metric", "metrics", "num_layers", "mean_exit_layer", "saved_layer_speedup", "flops_speedup",
+    "wallclock_speedup", "batch_size", "device", "n_examples", "job_id",
+)  # fmt: skip
+SPEEDUPS = {
+    "saved_layer_speedup": "L / mean layers executed",
+    "flops_speedup": "full-model FLOPs / FLOPs",
+    "wallclock_speedup": "full-model time / time",
+}
+# One leaderboard row is one method on one task; the backbone is a key too, so that points measured on
+# different backbones never share one Pareto frontier.
+ROW_KEYS = ["task", "method", "backbone"]
+SEED_KEYS = [*ROW_KEYS, "seed"]
+SCORE_COLUMNS = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc"]
+# Speed-ups such as 12 / 8.000000001 should still count as 1.5x; metrics one ulp under the tolerance too.
+_EPS = 1e-9
+
+
+def load_records(results_dir: str | Path) -> pd.DataFrame:
+    """Read ``results_dir/records.jsonl`` into one row per (operating point, batch size).
+
+    Blank lines are skipped. ``knob`` / ``metrics`` / ``config`` / ``environment`` stay dict columns.
+    Raises FileNotFoundError when the file is absent, ValueError (naming file and line) on a bad line.
+    """
+    path = Path(results_dir) / RECORDS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no results store at {path}: run `eebench run --out {Path(results_dir)}` first"
+        )
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: malformed JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [f for f in REQUIRED_FIELDS if f not in row]
+            if missing:
+                raise ValueError(f"{path}, line {lineno}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=list(REQUIRED_FIELDS))
+    return pd.DataFrame(rows)
+
+
+def operating_points(records: pd.DataFrame, batch_size: int = 1) -> pd.DataFrame:
+    """The tidy per-point table for one batch size (full-model rows included, ``is_full_model`` marks them).
+
+    Per task, falls back to the smallest batch size present when ``batch_size`` is absent (per task, so
+    all methods compared on a task share one batch size); the ``batch_size`` column says which was used.
+    If a (job, point, batch size, device) was recorded twice (a rerun appended to the store), the later
+    line wins. ``config`` / ``environment`` are dropped. Sorted by task, method, backbone, seed, speed-up.
+    """
+    if records.empty:
+        return records.drop(columns=["config", "environment"], errors="ignore").copy()
+    sizes = records.groupby("task")["batch_size"].agg(
+        lambda bs: batch_size if (bs == batch_size).any() else bs.min()
+    )
+    points = records[records["batch_size"] == records["task"].map(sizes)]
+    points = points.drop_duplicates(["job_id", "knob_label", "batch_size", "device"], keep="last")
+    points = points.drop(columns=["config", "environment"], errors="ignore")
+    return points.sort_values([*SEED_KEYS, "saved_layer_speedup"], kind="stable").reset_index(drop=True)
+
+
+def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi: float = 3.0) -> float:
+    """Normalised area under the Pareto frontier: (1 / (hi - lo)) * integral_lo^hi best(s) ds.
+
+    best(s) = max metric among points with speed-up >= s, 0 when none. Result is on the metric's scale.
+    """
+    if not hi > lo:
+        raise ValueError(f"auc_range must satisfy a < b, got ({lo}, {hi})")
+    s = np.asarray(speedups, dtype=float)
+    m = np.asarray(metrics, dtype=float)
+    keep = ~(np.isnan(s) | np.isnan(m))
+    s, m = s[keep], m[keep]
+    # best(s) is a non-increasing step function that only changes at the points' speed-ups, so it is
+    # constant on (left, right] between consecutive edges and equals best(right) there.
+    edges = np.unique(np.clip(np.concatenate([[lo, hi], s]), lo, hi))
+    area = 0.0
+    for left, right in zip(edges[:-1], edges[1:], strict=True):
+        reach = s >= right
+        area += (right - left) * (m[reach].max() if reach.any() else 0.0)
+    return float(area / (hi - lo))
+
+
+def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float, hi: float) -> dict:
+    """Scores of one (task, method, backbone, seed): see :func:`leaderboard`."""
+    full = group[group["is_full_model"]]
+    pts = group[~group["is_full_model"]]
+    full_metric = float(full["metric"].mean()) if len(full) else math.nan
+
+    def best_at(threshold: float) -> float:
+        hit = pts.loc[pts[speedup] >= threshold - _EPS, "metric"]
+        return float(hit.max()) if len(hit) else math.nan
+
+    # The full model is the 1.0x point by definition (a measured wall-clock ratio may be 0.98).
+    s = np.concatenate([np.ones(len(full)), pts[speedup].to_numpy(float)])
+    m = np.concatenate([full["metric"].to_numpy(float), pts["metric"].to_numpy(float)])
+    within = s[m >= full_metric - tolerance - _EPS]
+    return {
+        "metric_name": group["metric_name"].iloc[0],
+        "full_model_metric": full_metric,
+        "metric_at_1.5x": best_at(1.5),
+        "metric_at_2x": best_at(2.0),
+        "best_speedup_within_1pt": float(within.max()) if len(within) else math.nan,
+        "auc": frontier_auc(s, m, lo, hi),
+    }
+
+
+def per_seed_scores(
+    records: pd.DataFrame,
+    speedup: str = "saved_layer_speedup",
+    tolerance: float = 0.01,
+    auc_range: tuple[float, float] = (1.0, 3.0),
+    batch_size: int = 1,
+) -> pd.DataFrame:
+    """One row per (task, method, backbone, seed) with the leaderboard's scores before seed averaging."""
+    if speedup not in SPEEDUPS:
+        raise ValueError(f"unknown speed-up {speedup!r}; choose one of {', '.join(SPEEDUPS)}")
+    lo, hi = auc_range
+    if not hi > lo:
+        raise ValueError(f"auc_range must satisfy a < b, got {auc_range}")
+    points = operating_points(records, batch_size)
+    rows = [
+        {**dict(zip(SEED_KEYS, key, strict=True)), **_seed_scores(g, speedup, tolerance, lo, hi)}
+        for key, g in points.groupby(SEED_KEYS, sort=True)
+    ]
+    return pd.DataFrame(rows, columns=[*SEED_KEYS, "metric_name", *SCORE_COLUMNS])
+
+
+def leaderboard(
+    records: pd.DataFrame,
+    speedup: str = "saved_layer_speedup",
+    tolerance: float = 0.01,
+    auc_range: tuple[float, float] = (1.0, 3.0),
+    batch_size: int = 1,
+) -> pd.DataFrame:
+    """One row per (task, method, backbone), sorted by task then AUC (descending).
+
+    Each score is computed per seed (:func:`per_seed_scores`) then averaged over seeds:
+    ``full_model_metric``; ``metric_at_1.5x`` / ``metric_at_2x`` = best metric among early-exit points with
+    speed-up >= 1.5 / 2.0; ``best_speedup_within_1pt`` = largest speed-up (full model = 1.0) whose metric
+    >= full_model_metric - tolerance; ``auc`` = :func:`frontier_auc` over ``auc_range`` (full model = 1.0).
+    A seed-averaged score is NaN when any seed lacks it, so a mean never hides seeds that miss a target.
+    ``*_std`` are sample std over seeds (NaN for one seed). ``batch_size`` only matters for wall-clock.
+    The parameters (and the batch size actually used) are kept in ``board.attrs`` for :func:`to_markdown`.
+    """
+    scores = per_seed_scores(records, speedup, tolerance, auc_range, batch_size)
+    grouped = scores.groupby(ROW_KEYS, sort=True)
+    board = grouped[SCORE_COLUMNS].mean()
+    if not scores.empty:  # skipna=False is not available on a grouped mean: blank groups with any NaN
+        board = board.where(~grouped[SCORE_COLUMNS].agg(lambda col: col.isna().any()).astype(bool))
+    board["metric_name"] = grouped["metric_name"].agg(lambda col: "/".join(sorted(set(col))))
+    board["seeds"] = grouped["seed"].nunique()
+    board["full_model_metric_std"] = grouped["full_model_metric"].std()
+    board["auc_std"] = grouped["auc"].std()
+    board = board.reset_index()
+    order = [
+        *ROW_KEYS, "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
+        "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
+    ]  # fmt: skip
+    board = board.reindex(columns=order)
+    board = board.sort_values(["task", "auc", "method"], ascending=[True, False, True], na_position="last")
+    board = board.reset_index(drop=True)
+    used = (
+        sorted(operating_points(records, batch_size)["batch_size"].unique()) if len(records) else [batch_size]
+    )
+    board.attrs.update(
+        speedup=speedup, tolerance=tolerance, auc_range=tuple(auc_range), batch_sizes=[int(b) for b in used]
+    )
+    return board
+
+
+def _pct(value: float, digits: int, std: float = math.nan) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    text = f"{100 * value:.{digits}f}"
+    return text if pd.isna(std) else f"{text} ± {100 * std:.{digits}f}"
+
+
+def _speed(value: float) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:.2f}x"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")  # a pipe would split the markdown cell
+
+
+def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
+    """Render :func:`leaderboard` output as a markdown table plus a one-line legend.
+
+    Metrics are shown x100 with ``digits`` decimals (mean ± std over seeds where available), speed-ups
+    as ``1.83x``, missing values as ``—``. The legend reads the parameters from ``board.attrs``.
+    """
+    speedup = board.attrs.get("speedup", "saved_layer_speedup")
+    tol = 100 * board.attrs.get("tolerance", 0.01)
+    lo, hi = board.attrs.get("auc_range", (1.0, 3.0))
+    batch = "/".join(str(b) for b in board.attrs.get("batch_sizes", [1]))
+    headers = [
+        "task", "method", "backbone", "metric", "seeds", "full model", "metric @1.5x", "metric @2x",
+        f"speed-up @−{tol:g}pt", f"AUC {lo:g}–{hi:g}x",
+    ]  # fmt: skip
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|",
+    ]
+    for row in board.to_dict("records"):
+        cells = [
+            _cell(row["task"]), _cell(row["method"]), _cell(row["backbone"]), _cell(row["metric_name"]),
+            str(int(row["seeds"])),
+            _pct(row["full_model_metric"], digits, row["full_model_metric_std"]),
+            _pct(row["metric_at_1.5x"], digits), _pct(row["metric_at_2x"], digits),
+            _speed(row["best_speedup_within_1pt"]),
+            _pct(row["auc"], digits, row["auc_std"]),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    legend = (
+        f"*Speed-up = {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}; metrics on dev x100, "
+        "mean ± std over seeds. full model: the method's own full-depth run; metric @1.5x / @2x: best metric "
+        "among early-exit points with speed-up ≥ 1.5x / 2x (— if none in some seed); "
+        f"speed-up @−{tol:g}pt: largest speed-up whose metric is ≥ full model − {tol:g} pt (full model = 1.00x); "
+        f"AUC {lo:g}–{hi:g}x: mean over speed-ups s in [{lo:g}, {hi:g}] of the best metric reached at ≥ s "
+        "(Pareto frontier, full model at 1.0x, 0 beyond the fastest point).*"
+    )
+    return "\n".join(lines) + "\n\n" + legend + "\n"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + os.replace, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the table is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_leaderboard(results_dir: str | Path, digits: int = 2, **kwargs) -> tuple[pd.DataFrame, Path]:
+    """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md``.
+
+    ``kwargs`` go to :func:`leaderboard` (speedup, tolerance, auc_range, batch_size); ``digits`` to
+    :func:`to_markdown`. Returns the table and the path written.
+    """
+    board = leaderboard(load_records(results_dir), **kwargs)
+    path = Path(results_dir) / LEADERBOARD_FILE
+    _atomic_write_text(path, to_markdown(board, digits=digits))
+    return board, path

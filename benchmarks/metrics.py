@@ -1,0 +1,112 @@
+"""Task metrics, computed with scikit-learn / scipy (no hand-written formulas).
+
+Accuracy and F1 are fractions in [0, 1]; MCC, Pearson and Spearman are correlations in [-1, 1].
+Classification predictions and labels are class ids, shape (N,); regression ones are floats, shape (N,).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from .tasks import TaskSpec
+
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "accuracy": "fraction of exact class matches, mean(pred == label); sklearn.metrics.accuracy_score",
+    "f1": "F1 = 2PR/(P+R) of class 1 for binary tasks (macro average otherwise); sklearn.metrics.f1_score",
+    "mcc": "Matthews correlation (TP*TN-FP*FN)/sqrt(...), in [-1, 1]; sklearn.metrics.matthews_corrcoef",
+    "pearson": "Pearson linear correlation of prediction and target, in [-1, 1]; scipy.stats.pearsonr "
+               "(0.0 when undefined, e.g. constant predictions)",
+    "spearman": "Spearman rank correlation of prediction and target, in [-1, 1]; scipy.stats.spearmanr "
+                "(0.0 when undefined, e.g. constant predictions)",
+}
+
+
+def _correlation(fn: Callable[..., Any], pred: np.ndarray, gold: np.ndarray) -> float:
+    """scipy's pearsonr/spearmanr statistic; 0.0 where it is undefined (constant input or N < 2)."""
+    if len(pred) < 2:
+        return 0.0
+    with warnings.catch_warnings():  # constant input: scipy warns and returns NaN
+        warnings.simplefilter("ignore")
+        value = float(fn(pred, gold).statistic)
+    # An undefined correlation (e.g. a constant predictor) carries no signal: score it 0, not NaN.
+    return 0.0 if math.isnan(value) else value
+
+
+def _f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
+    if num_labels == 2:
+        return float(f1_score(gold, pred, average="binary", pos_label=1, zero_division=0.0))
+    return float(f1_score(gold, pred, average="macro", labels=list(range(num_labels)), zero_division=0.0))
+
+
+def _as_1d(values: Sequence | np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must have shape (N,), got {arr.shape}; "
+                         "turn logits into predictions with predictions_from_logits")
+    return arr
+
+
+def _class_ids(values: np.ndarray, what: str, num_labels: int) -> np.ndarray:
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+            or values.dtype == bool):
+        raise ValueError(f"{what} must be integer class ids, got dtype {values.dtype}")
+    ids = values.astype(np.int64)
+    if not np.array_equal(ids, values):
+        raise ValueError(f"{what} must be integer class ids, got non-integer values")
+    if ids.min() < 0 or ids.max() >= num_labels:
+        raise ValueError(f"{what} must be class ids in 0..{num_labels - 1}, got {ids.min()}..{ids.max()}")
+    return ids
+
+
+def compute_metrics(spec: TaskSpec, predictions: Sequence | np.ndarray,
+                    labels: Sequence | np.ndarray) -> dict[str, float]:
+    """Every metric in ``spec.metric_names``, as {name: float}.
+
+    ``predictions`` and ``labels``: shape (N,), class ids (classification) or floats (regression).
+    Raises ValueError on empty or mismatched inputs, or ids out of range.
+    """
+    pred, gold = _as_1d(predictions, "predictions"), _as_1d(labels, "labels")
+    if len(pred) == 0:
+        raise ValueError("cannot compute metrics on zero examples")
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions but {len(gold)} labels")
+    if spec.kind == "classification":
+        pred = _class_ids(pred, "predictions", spec.num_labels)
+        gold = _class_ids(gold, "labels", spec.num_labels)
+    else:
+        pred, gold = pred.astype(np.float64), gold.astype(np.float64)
+        if not (np.isfinite(pred).all() and np.isfinite(gold).all()):
+            raise ValueError("regression predictions and labels must be finite (got NaN or inf)")
+
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "accuracy": lambda p, g: float(accuracy_score(g, p)),
+        "f1": lambda p, g: _f1(p, g, spec.num_labels),
+        "mcc": lambda p, g: float(matthews_corrcoef(g, p)),
+        "pearson": lambda p, g: _correlation(pearsonr, p, g),
+        "spearman": lambda p, g: _correlation(spearmanr, p, g),
+    }
+    unknown = [m for m in spec.metric_names if m not in metrics]
+    if unknown:
+        raise ValueError(f"task '{spec.name}' asks for unknown metric(s) {unknown}; known: {sorted(metrics)}")
+    return {name: metrics[name](pred, gold) for name in spec.metric_names}
+
+
+def predictions_from_logits(spec: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    """Logits (N, C) -> class ids (N,) by argmax; regression outputs (N, 1) or (N,) -> floats (N,)."""
+    arr = np.asarray(logits)
+    if spec.kind == "regression":
+        if not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
+            raise ValueError(f"regression logits must have shape (N, 1) or (N,), got {arr.shape}")
+        return arr.reshape(-1).astype(np.float64)
+    if arr.ndim != 2 or arr.shape[1] != spec.num_labels:
+        raise ValueError(f"task '{spec.name}' logits must have shape (N, {spec.num_labels}), got {arr.shape}")
+    return arr.argmax(axis=1)

@@ -1,0 +1,249 @@
+"""Jobs: (method, task, seed, backbone, config) -> fine-tune once -> evaluate the whole knob grid -> records.
+
+A job is a pure, idempotent unit: its identity (`Job.job_id`) is a hash of its resolved configuration, its
+fine-tuned weights are cached under a hash of what determines them (`checkpoint_key`), and its records are
+committed atomically to the results store. Running the same job twice does nothing the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from eebench import costs
+from eebench.backbones import load_backbone
+from eebench.env import environment
+from eebench.methods import build_method, check_exit_output, get_method_class
+from eebench.methods.protocol import ProtocolError, config_dict
+from eebench.metrics import compute_metrics, predictions_from_logits
+from eebench.store import ResultsStore
+from eebench.tasks import get_task, load_split
+from eebench.timing import clock_for, interleaved_medians
+from eebench.training import Encoded, LoopTrainer, TrainConfig, batch_indices, collate, encode
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How operating points are measured. Quality uses every dev example; wall-clock uses the first
+    `timing_examples` of them (the same ones for the full model and every point)."""
+
+    batch_size: int = 32                       # quality evaluation; exits are per example, so any size gives the same result
+    timing_batch_sizes: tuple[int, ...] = (1, 32)
+    timing_examples: int = 128
+    timing_repeats: int = 3
+    timing_warmup: int = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    task: str
+    seed: int
+    backbone: str
+    method_config: dict = field(default_factory=dict)
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    data_dir: str | None = None
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    device: str = "cpu"
+
+    def resolved(self) -> dict:
+        return asdict(self)
+
+    @property
+    def job_id(self) -> str:
+        return _digest(self.resolved())
+
+    def describe(self) -> str:
+        return f"{self.method} / {self.task} / seed {self.seed} / {self.backbone}"
+
+
+class UnsupportedTaskError(ValueError):
+    """A method asked to run a task kind it does not support (e.g. DeeBERT on regression)."""
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_key(job: Job, signature: dict) -> str:
+    """What determines fine-tuned weights: backbone, task data, seed, training settings and the method's
+    training signature. Methods that train the same network (PABEE and PCEE) share one checkpoint."""
+    return _digest({"backbone": job.backbone, "task": job.task, "seed": job.seed, "train": asdict(job.train),
+                    "data_dir": job.data_dir, "train_limit": job.train_limit, "signature": signature})
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EEBENCH_CACHE", ".eebench_cache"))
+
+
+def check_supported(job: Job) -> None:
+    cls = get_method_class(job.method)
+    kind = get_task(job.task).kind
+    if kind not in cls.task_kinds:
+        raise UnsupportedTaskError(f"{job.method} does not support {kind} tasks like '{job.task}' "
+                                   f"(it supports: {', '.join(sorted(cls.task_kinds))})")
+
+
+def _knob_label(knob: dict | None) -> str:
+    return "full model" if knob is None else ", ".join(f"{k}={v}" for k, v in knob.items())
+
+
+def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, device, num_layers: int) -> dict:
+    """Run `method.predict` over all of `data`; returns per-example numpy arrays in data order."""
+    logits, exits, head_macs = [], [], []
+    for indices in batch_indices(len(data), batch_size):
+        batch = collate(data, indices, pad_id, device)
+        out = method.predict(batch, knob)
+        check_exit_output(out, len(indices), num_layers)
+        logits.append(out.logits.float().cpu())
+        exits.append(out.exit_layer.cpu())
+        head_macs.append(out.head_macs.double().cpu())
+    return {"logits": torch.cat(logits).numpy(), "exit_layer": torch.cat(exits).numpy(),
+            "head_macs": torch.cat(head_macs).numpy()}
+
+
+def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad_id: int, cache_dir: Path,
+                   progress: bool) -> dict:
+    key = checkpoint_key(job, method.training_signature())
+    path = cache_dir / "checkpoints" / f"{key}.pt"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
+        meta = json.loads(meta_path.read_text())
+        return {**meta, "checkpoint": key, "from_cache": True}
+    trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress)
+    started = time.perf_counter()
+    method.fit(trainer)
+    meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    from eebench.store import atomic_write_text  # weights first, then the metadata that marks them complete
+    atomic_write_text(meta_path, json.dumps(meta))
+    return {**meta, "checkpoint": key, "from_cache": False}
+
+
+def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True,
+            log: Callable[[str], None] = print) -> tuple[list[dict], pd.DataFrame]:
+    """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table)."""
+    check_supported(job)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    spec = get_task(job.task)
+    device = torch.device(job.device)
+    torch.manual_seed(job.seed)
+    train_data = load_split(spec, "train", job.data_dir, job.train_limit, job.seed)
+    dev_data = load_split(spec, "dev", job.data_dir, job.eval_limit, job.seed)
+
+    backbone = load_backbone(job.backbone, seed=job.seed)
+    method = build_method(job.method, **job.method_config)
+    torch.manual_seed(job.seed)  # heads are initialised from the job seed
+    model = method.attach(backbone, spec)
+    if not isinstance(model, torch.nn.Module):
+        raise ProtocolError(f"{job.method}.attach() must return the model (a torch.nn.Module), got {type(model).__name__}")
+    model.to(device)
+    tokenizer, regression = backbone.tokenizer, spec.kind == "regression"
+    pad_id = tokenizer.pad_token_id
+    train = encode(train_data.examples, tokenizer, job.train.max_seq_length, regression)
+    dev = encode(dev_data.examples, tokenizer, job.train.max_seq_length, regression)
+    training = _train_or_load(job, method, model, train, pad_id, cache_dir, progress)
+    model.eval()
+
+    num_layers = backbone.num_layers
+    info = backbone.info
+    lengths = dev.lengths().numpy()
+    labels = dev.labels.numpy()
+    full_flops = costs.layerwise_flops(np.full(len(dev), num_layers), lengths, np.zeros(len(dev)),
+                                       num_layers, info.hidden_size, info.intermediate_size)
+    knobs = method.knobs(spec, num_layers)
+    points: list[dict | None] = [None, *knobs]
+    outputs = {}
+    with torch.inference_mode():
+        for knob in tqdm(points, desc=f"evaluate {job.method}/{job.task}", disable=not progress, leave=False):
+            outputs[_knob_label(knob)] = _predict_all(method, dev, knob, job.eval.batch_size, pad_id, device, num_layers)
+        full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
+        timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
+
+    env = environment(device)
+    base = {"method": job.method, "task": job.task, "seed": job.seed, "backbone": job.backbone,
+            "metric_name": spec.primary_metric, "num_layers": num_layers, "device": device.type,
+            "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
+            "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],
+            "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
+    records, example_rows = [], []
+    for knob in points:
+        label = _knob_label(knob)
+        out = outputs[label]
+        predictions = predictions_from_logits(spec, out["logits"])
+        metrics = compute_metrics(spec, predictions, labels)
+        flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
+                                      info.hidden_size, info.intermediate_size)
+        point = {"knob": knob or {}, "knob_label": label, "is_full_model": knob is None,
+                 "metric": metrics[spec.primary_metric], "metrics": metrics,
+                 "mean_exit_layer": float(out["exit_layer"].mean()),
+                 "saved_layer_speedup": costs.saved_layer_speedup(out["exit_layer"], num_layers),
+                 "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
+        for batch_size, seconds in timings.items():
+            records.append({**base, **point, "batch_size": batch_size,
+                            "wallclock_speedup": seconds["full model"] / seconds[label],
+                            "wallclock_seconds": seconds[label], "full_wallclock_seconds": seconds["full model"],
+                            "n_timed_examples": min(job.eval.timing_examples, len(dev))})
+        example_rows.append(pd.DataFrame({
+            "job_id": job.job_id, "knob_label": label, "example": np.arange(len(dev)),
+            "exit_layer": out["exit_layer"], "prediction": predictions, "label": labels, "n_tokens": lengths,
+            "difficulty": [e.difficulty if e.difficulty is not None else -1 for e in dev_data.examples]}))
+    return records, pd.concat(example_rows, ignore_index=True)
+
+
+def _time_points(method, dev: Encoded, points, eval_config: EvalConfig, pad_id: int, device, progress: bool) -> dict:
+    """{batch_size: {knob label: median seconds to run the timing examples}}."""
+    n = min(eval_config.timing_examples, len(dev))
+    clock = clock_for(device)
+    result = {}
+    for batch_size in eval_config.timing_batch_sizes:
+        # Collate once, outside the timed region: tokenisation and padding are not what is measured.
+        batches = [collate(dev, indices, pad_id, device) for indices in batch_indices(n, batch_size)]
+
+        def runner(knob, batches=batches):
+            return lambda: [method.predict(batch, knob) for batch in batches]
+
+        candidates = {_knob_label(knob): runner(knob) for knob in points}
+        if progress:
+            tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} examples")
+        result[batch_size] = interleaved_medians(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup)
+    return result
+
+
+def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}"""
+    store = ResultsStore(out_dir)
+    finished = store.done()
+    summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
+    for job in tqdm(jobs, desc="jobs", disable=not progress):
+        if job.job_id in finished:
+            summary["skipped"].append(job.describe())
+            continue
+        try:
+            check_supported(job)
+        except UnsupportedTaskError as error:
+            log(f"skip: {error}")
+            summary["unsupported"].append(job.describe())
+            continue
+        log(f"job {job.job_id}: {job.describe()}")
+        records, examples = run_job(job, cache_dir, progress, log)
+        store.commit(job.job_id, records, examples)
+        summary["done"].append(job.describe())
+    return summary

@@ -1,0 +1,57 @@
+"""Named suites: a set of jobs with the settings they ran with. Each says the command that launches it."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+
+from eebench.runner import EvalConfig, Job
+from eebench.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    backbone: str = "minilm"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def jobs(self, device: str = "cpu") -> list[Job]:
+        return [Job(method=m, task=t, seed=s, backbone=self.backbone, train=self.train, eval=self.eval,
+                    data_dir=self.data_dir, train_limit=self.train_limit, eval_limit=self.eval_limit, device=device)
+                for t in self.tasks for m in self.methods for s in self.seeds]
+
+    def launch_command(self) -> str:
+        return f"eebench run --suite {self.name}"
+
+    def with_overrides(self, **changes) -> Suite:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+ALL_LAYERWISE = ("deebert", "pabee")
+
+SUITES: dict[str, Suite] = {suite.name: suite for suite in [
+    Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
+          methods=ALL_LAYERWISE, tasks=("graded",), train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
+    Suite("sst2-minilm", "MiniLM-L6 on SST-2 from ../shared/data/glue: 8000 training examples, full dev.",
+          methods=ALL_LAYERWISE, tasks=("sst2",), data_dir="../shared/data/glue", train_limit=8000,
+          train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=256)),
+    Suite("glue", "GLUE dev with any backbone (default bert-base-uncased from the hub), 3 seeds; GPU advised.",
+          methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
+          seeds=(0, 1, 2), backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32)),
+]}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        close = difflib.get_close_matches(name, SUITES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown suite '{name}'. Known suites: {', '.join(SUITES)}.{hint}")
+    return SUITES[name]

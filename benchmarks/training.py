@@ -1,0 +1,145 @@
+"""Tokenisation, batching and the optimisation loop that every method's `fit` borrows.
+
+Methods say WHAT to minimise and over WHICH parameters (`Trainer.train(params, loss_fn)`); this module
+owns HOW: AdamW, linear decay, gradient clipping, seeded shuffling, progress and the NaN check.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from eebench.tasks import Example
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning settings shared by all methods of a suite (a method's stages each reuse them)."""
+
+    epochs: float = 2.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_seq_length: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_eps: float = 1e-8
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: ragged token lists, kept unpadded so that each batch pads to its own longest."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: torch.Tensor  # (N,) int64 for classification, float32 for regression
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def lengths(self) -> torch.Tensor:
+        """(N,) real token count per example (what the FLOPs counter charges)."""
+        return torch.tensor([len(ids) for ids in self.input_ids], dtype=torch.long)
+
+
+def encode(examples: Sequence[Example], tokenizer, max_seq_length: int, regression: bool) -> Encoded:
+    firsts = [e.text_a for e in examples]
+    seconds = [e.text_b for e in examples]
+    pairs = seconds[0] is not None if seconds else False
+    out = tokenizer(firsts, seconds if pairs else None, truncation=True, max_length=max_seq_length)
+    token_types = out.get("token_type_ids") or [[0] * len(ids) for ids in out["input_ids"]]
+    dtype = torch.float32 if regression else torch.long
+    labels = torch.tensor([e.label for e in examples], dtype=dtype)
+    return Encoded(list(out["input_ids"]), list(token_types), labels)
+
+
+def collate(data: Encoded, indices: Sequence[int], pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A padded batch (B, S_max of these examples) plus `labels` (B,) and `index` (B,) into `data`."""
+    width = max(len(data.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(indices), width), dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        types[row, :n] = torch.tensor(data.token_type_ids[i])
+        mask[row, :n] = 1
+    index = torch.as_tensor(indices, dtype=torch.long)
+    return {"input_ids": ids.to(device), "token_type_ids": types.to(device), "attention_mask": mask.to(device),
+            "labels": data.labels[index].to(device), "index": index.to(device)}
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+class LoopTrainer:
+    """The runner's implementation of `eebench.methods.Trainer`."""
+
+    def __init__(self, model: nn.Module, data: Encoded, config: TrainConfig, seed: int, pad_id: int,
+                 device: torch.device | str, progress: bool = True):
+        self.model, self.data, self.config, self.seed = model, data, config, seed
+        self.pad_id, self.device, self.progress = pad_id, device, progress
+        self.stages: list[dict[str, float | str]] = []
+
+    def batches(self, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[dict]:
+        if shuffle and generator is None:
+            generator = torch.Generator().manual_seed(self.seed)
+        for indices in batch_indices(len(self.data), self.config.batch_size, generator if shuffle else None):
+            yield collate(self.data, indices, self.pad_id, self.device)
+
+    def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[dict], torch.Tensor], *,
+              stage: str, epochs: float | None = None, lr: float | None = None) -> dict[str, float | str]:
+        config = self.config
+        epochs = config.epochs if epochs is None else epochs
+        unique = list({id(p): p for p in params if p.requires_grad}.values())  # shared modules appear twice
+        if not unique:
+            raise ValueError(f"stage '{stage}': no trainable parameters were given")
+        stage_seed = self.seed * 1000 + len(self.stages)  # re-seeded per stage, as DeeBERT's script does
+        torch.manual_seed(stage_seed)
+        generator = torch.Generator().manual_seed(stage_seed)
+        steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
+        total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+        optimizer = torch.optim.AdamW(unique, lr=lr or config.lr, eps=config.adam_eps, weight_decay=config.weight_decay)
+        schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+        self.model.train()
+        started, step, running = time.perf_counter(), 0, float("nan")
+        bar = tqdm(total=total_steps, desc=stage, disable=not self.progress, leave=False, unit="step")
+        while step < total_steps:
+            for batch in self.batches(shuffle=True, generator=generator):
+                loss = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"stage '{stage}', step {step + 1}/{total_steps}: the loss is {loss.item()}. The model diverged: "
+                        f"lower the learning rate (now {lr or config.lr}) or check the data labels. "
+                        "Nothing was cached or recorded for this job.")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(unique, config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                self.model.zero_grad(set_to_none=True)  # frozen parts may have received gradients too
+                running = loss.item() if math.isnan(running) else 0.9 * running + 0.1 * loss.item()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+                if step >= total_steps:
+                    break
+        bar.close()
+        self.model.eval()
+        record = {"stage": stage, "steps": total_steps, "epochs": epochs, "final_loss": running,
+                  "seconds": time.perf_counter() - started}
+        self.stages.append(record)
+        return record

@@ -1,0 +1,99 @@
+"""DeeBERT (Xin et al., ACL 2020): off-ramps after every layer, exit when the off-ramp is confident.
+
+Spec: ../shared/docs/methods/deebert.md. In one paragraph: every layer i < L gets an off-ramp (its OWN
+pooler, copied from the pre-trained pooler, + dropout + linear); the exit at layer L is the backbone's final
+classifier. Training has two stages: (1) ordinary fine-tuning of backbone + final classifier; (2) the
+backbone frozen, the off-ramps trained on the unweighted sum of their cross-entropies. At inference an
+example stops at the first off-ramp whose softmax entropy (nats, not normalised) is below S.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, entropy, exit_loss
+from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
+
+# scripts/eval_entropy.sh of the original repository.
+ENTROPY_GRID = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+@dataclass
+class DeeBERTConfig:
+    entropy_grid: tuple[float, ...] = ENTROPY_GRID
+
+
+class EntropyRule:
+    """Exit when H(softmax(z_i)) < S. S = 0 never exits (entropy >= 0 and the test is strict)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def start(self, batch_size: int, device: torch.device) -> RuleState:
+        return {}
+
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
+        return entropy(logits) < self.threshold, state
+
+
+class DeeBERT:
+    """Entropy-thresholded off-ramps with per-layer poolers; two-stage training (backbone, then off-ramps)."""
+
+    name = "deebert"
+    granularity = "layer"
+    task_kinds = frozenset({"classification"})
+    knob_names = ("entropy_threshold",)
+
+    def __init__(self, **overrides):
+        self.config = DeeBERTConfig(**overrides)
+        self.model: MultiExitModel | None = None
+        self.task_kind = "classification"
+
+    def attach(self, backbone, task) -> MultiExitModel:
+        config = backbone.model.config
+        dropout, std = config.hidden_dropout_prob, config.initializer_range
+        # Off-ramp poolers are copies of the PRE-TRAINED pooler, made before any fine-tuning (spec §2).
+        offramps = [ExitHead(copy.deepcopy(backbone.pooler), backbone.hidden_size, task.num_labels, dropout, std)
+                    for _ in range(backbone.num_layers - 1)]
+        final = ExitHead(backbone.pooler, backbone.hidden_size, task.num_labels, dropout, std)
+        self.model = MultiExitModel(backbone, [*offramps, final])
+        self.task_kind = task.kind
+        return self.model
+
+    def fit(self, trainer: Trainer) -> None:
+        model, kind, last = self.model, self.task_kind, self.model.num_layers
+
+        def final_loss(batch: Batch) -> torch.Tensor:
+            (logits,) = model.all_exit_logits(batch, layers=[last])
+            return exit_loss(logits, batch["labels"], kind)
+
+        def offramp_loss(batch: Batch) -> torch.Tensor:
+            # Unweighted SUM over off-ramps 1..L-1 (spec pitfall 2); dropout stays on in the frozen backbone.
+            logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=False)
+            return sum(exit_loss(z, batch["labels"], kind) for z in logits)
+
+        stage1 = [*model.backbone.parameters(), *model.heads[-1].parameters()]
+        trainer.train(stage1, final_loss, stage="stage1: backbone + final classifier")
+        offramp_params = [p for head in model.heads[:-1] for p in head.parameters()]
+        # A fresh AdamW and linear schedule with the same epochs and lr as stage 1 (spec §3).
+        trainer.train(offramp_params, offramp_loss, stage="stage2: off-ramps, backbone frozen")
+
+    def knobs(self, task, num_layers: int) -> list[Knob]:
+        grid = list(self.config.entropy_grid)
+        # The binary grid stops at 0.7 ~ ln 2; with C classes entropy reaches ln C, so extend the sweep.
+        max_entropy = math.log(task.num_labels)
+        grid += [round(0.8 + 0.1 * k, 2) for k in range(int((max_entropy - 0.8) / 0.1) + 1) if 0.8 + 0.1 * k < max_entropy]
+        return [{"entropy_threshold": s} for s in sorted(set(grid))]
+
+    def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
+        if knob is None:
+            return self.model.full(batch)
+        return self.model.early_exit(batch, EntropyRule(knob["entropy_threshold"]))
+
+    def training_signature(self) -> dict:
+        # The entropy grid is an exit-rule setting, not a training one.
+        return {"recipe": "deebert-two-stage"}

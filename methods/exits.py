@@ -1,0 +1,147 @@
+"""Shared mechanics of layer-wise early exit: exit heads, layer-by-layer stepping, per-example exits.
+
+A layer-wise method supplies only (a) its heads and (b) an `ExitRule`; `MultiExitModel.early_exit` does the
+stepping. Examples that exit leave the batch (their rows are dropped from the hidden states), so a batch
+costs what its examples cost, and no example's exit depends on the others in its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eebench.methods.protocol import Batch, ExitOutput
+
+RuleState = dict[str, torch.Tensor]
+"""Per-example state of an exit rule; every tensor has the active batch as its first dimension."""
+
+
+class ExitRule(Protocol):
+    """Decides, after each layer's exit head, which of the still-running examples stop."""
+
+    def start(self, batch_size: int, device: torch.device) -> RuleState:
+        ...
+
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
+        """layer: 1..L-1; logits: (b, C) of the b running examples -> (exit mask (b,) bool, new state)."""
+        ...
+
+
+class ExitHead(nn.Module):
+    """pooler (d -> d, tanh on position 0; may be shared between heads) -> dropout -> linear d -> C."""
+
+    def __init__(self, pooler: nn.Module, hidden_size: int, num_labels: int, dropout: float, init_std: float):
+        super().__init__()
+        self.pooler = pooler
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=init_std)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, d) -> logits (B, C)."""
+        return self.classifier(self.dropout(self.pooler(hidden)))
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one evaluation for one example (pooler d^2 + classifier d*C, as in the
+        shared FLOPs convention; biases and tanh excluded)."""
+        return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
+
+class MultiExitModel(nn.Module):
+    """A backbone with one exit head per layer; `heads[L-1]` is the model's final classifier."""
+
+    def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module]):
+        super().__init__()
+        if len(heads) != backbone.num_layers:
+            raise ValueError(f"need one head per layer ({backbone.num_layers}), got {len(heads)}")
+        self.backbone = backbone
+        self.heads = nn.ModuleList(heads)
+        head_macs = torch.tensor([float(h.macs()) for h in heads], dtype=torch.float64)
+        # cumulative_head_macs[i-1] = MACs of heads 1..i, what an example exiting at layer i paid in heads.
+        self.register_buffer("cumulative_head_macs", head_macs.cumsum(0), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    def _embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def all_exit_logits(self, batch: Batch, layers: Sequence[int] | None = None,
+                        backbone_grad: bool = True) -> list[torch.Tensor]:
+        """Logits (B, C) of the heads at `layers` (default: all 1..L), running every layer once (training).
+
+        backbone_grad=False runs the backbone without autograd (its weights are frozen in that stage, so
+        the gradients w.r.t. the heads are the same and the backward pass through the layers is saved)."""
+        wanted = set(range(1, self.num_layers + 1) if layers is None else layers)
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            hidden, bias = self._embed(batch)
+        outputs = []
+        for layer in range(1, max(wanted) + 1):
+            with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+                hidden = self.backbone.layer(layer, hidden, bias)
+            if layer in wanted:
+                outputs.append(self.heads[layer - 1](hidden))
+        return outputs
+
+    def full(self, batch: Batch) -> ExitOutput:
+        """The full model: all L layers and the final classifier only."""
+        hidden, bias = self._embed(batch)
+        for layer in range(1, self.num_layers + 1):
+            hidden = self.backbone.layer(layer, hidden, bias)
+        logits = self.heads[-1](hidden)
+        size = logits.shape[0]
+        final_head = self.cumulative_head_macs[-1] - (self.cumulative_head_macs[-2] if self.num_layers > 1 else 0)
+        return ExitOutput(logits=logits,
+                          exit_layer=torch.full((size,), self.num_layers, dtype=torch.long, device=logits.device),
+                          head_macs=final_head.expand(size).clone())
+
+    def early_exit(self, batch: Batch, rule: ExitRule) -> ExitOutput:
+        """Per-example early exit: after layer i every running example's head i is evaluated and the rule
+        decides; exited rows leave the batch. The last layer's head answers for whoever is left."""
+        hidden, bias = self._embed(batch)
+        size, device = hidden.shape[0], hidden.device
+        last = self.num_layers
+        active = torch.arange(size, device=device)
+        exit_layer = torch.full((size,), last, dtype=torch.long, device=device)
+        logits_out: torch.Tensor | None = None
+        state = rule.start(size, device)
+        for layer in range(1, last + 1):
+            hidden = self.backbone.layer(layer, hidden, bias)
+            logits = self.heads[layer - 1](hidden)
+            if logits_out is None:
+                logits_out = logits.new_empty(size, logits.shape[-1])
+            if layer == last:
+                logits_out[active] = logits
+                break
+            exit_now, state = rule.decide(layer, logits, state)
+            if bool(exit_now.any()):  # the one host sync per layer that an exit decision needs
+                done = active[exit_now]
+                logits_out[done] = logits[exit_now]
+                exit_layer[done] = layer
+                keep = ~exit_now
+                if not bool(keep.any()):
+                    break
+                hidden, bias, active = hidden[keep], bias[keep], active[keep]
+                state = {key: value[keep] for key, value in state.items()}
+        assert logits_out is not None
+        return ExitOutput(logits=logits_out, exit_layer=exit_layer,
+                          head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
+
+
+def exit_loss(logits: torch.Tensor, labels: torch.Tensor, task_kind: str) -> torch.Tensor:
+    """Cross-entropy for classification (logits (B, C), labels (B,) int), MSE for regression (logits (B, 1))."""
+    if task_kind == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) in nats, (B, C) -> (B,); not normalised by ln C."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)

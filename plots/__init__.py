@@ -1,0 +1,1 @@
+"""Figures from a results store: see :mod:`eebench.plots.curves`."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random backbones, small real data slices, a fast training config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from eebench.runner import EvalConfig, Job
+from eebench.training import TrainConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GLUE = SHARED_DATA / "glue"
+
+FAST_TRAIN = TrainConfig(epochs=1, lr=1e-3, batch_size=16, max_seq_length=48)
+FAST_EVAL = EvalConfig(batch_size=8, timing_batch_sizes=(1, 4), timing_examples=8, timing_repeats=1, timing_warmup=0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads():
+    # Tests compare numbers, not speed; one thread keeps them deterministic and light on 2-core CI.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_job(method: str, task: str = "graded", **changes) -> Job:
+    settings = dict(method=method, task=task, seed=0, backbone="tiny-bert", train=FAST_TRAIN, eval=FAST_EVAL,
+                    train_limit=96, eval_limit=24, data_dir=None)
+    settings.update(changes)
+    return Job(**settings)

@@ -1,0 +1,225 @@
+"""Leaderboard: hand-built records with hand-computed scores (see the comments next to the numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eebench.leaderboard import (
+    frontier_auc,
+    leaderboard,
+    load_records,
+    operating_points,
+    per_seed_scores,
+    to_markdown,
+    write_leaderboard,
+)
+
+
+def make_record(**overrides) -> dict:
+    """One records.jsonl line with defaults; a point's speed-ups all equal ``speedup`` unless overridden."""
+    speedup = overrides.pop("speedup", 1.0)
+    full = overrides.get("is_full_model", False)
+    rec = {
+        "method": "alpha", "task": "sst2", "seed": 0, "backbone": "minilm",
+        "knob": {} if full else {"t": 0.1}, "knob_label": "full model" if full else "t=0.1",
+        "is_full_model": False, "metric_name": "accuracy", "metric": 0.9, "metrics": {},
+        "num_layers": 12, "mean_exit_layer": 12 / speedup, "saved_layer_speedup": speedup,
+        "flops_speedup": speedup, "wallclock_speedup": speedup, "batch_size": 1, "device": "cpu",
+        "n_examples": 100, "job_id": "", "config": {}, "environment": {},
+    }  # fmt: skip
+    rec.update(overrides)
+    rec["metrics"] = rec["metrics"] or {rec["metric_name"]: rec["metric"]}
+    rec["job_id"] = rec["job_id"] or f"{rec['method']}-{rec['task']}-{rec['seed']}-{rec['backbone']}"
+    return rec
+
+
+def curve(method: str, seed: int, full: float, points: list[tuple[float, float]], **kw) -> list[dict]:
+    """A full-model row plus early-exit rows (speed-up, metric), knob labels t=0.1, t=0.2, ..."""
+    rows = [make_record(method=method, seed=seed, is_full_model=True, metric=full, **kw)]
+    for i, (s, m) in enumerate(points, start=1):
+        rows.append(make_record(method=method, seed=seed, speedup=s, metric=m, knob={"t": i / 10},
+                                knob_label=f"t={i / 10}", **kw))  # fmt: skip
+    return rows
+
+
+# alpha seed 0: 1.5x@89, 2.5x@80 -> AUC[1,3] = (0.5*.89 + 1.0*.80 + 0.5*0) / 2 = 0.6225
+# alpha seed 1: 1.6x@90.5, 2.0x@85 -> AUC = (0.6*.905 + 0.4*.85) / 2 = 0.4415
+# beta seed 0: 1.2x@91, 1.8x@90 -> AUC = (0.2*.91 + 0.6*.90) / 2 = 0.361
+# beta seed 1: 1.3x@90.5, 1.9x@88 -> AUC = (0.3*.905 + 0.6*.88) / 2 = 0.39975
+RECORDS = [
+    *curve("alpha", 0, 0.90, [(1.5, 0.89), (2.5, 0.80)]),
+    *curve("alpha", 1, 0.92, [(1.6, 0.905), (2.0, 0.85)]),
+    *curve("beta", 0, 0.91, [(1.2, 0.91), (1.8, 0.90)]),
+    *curve("beta", 1, 0.91, [(1.3, 0.905), (1.9, 0.88)]),
+]
+
+
+@pytest.fixture
+def records() -> pd.DataFrame:
+    return pd.DataFrame(RECORDS)
+
+
+def write_store(tmp_path: Path, rows: list[dict]) -> Path:
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_frontier_auc_by_hand():
+    assert frontier_auc([1.0, 1.5, 2.5], [0.90, 0.89, 0.80]) == pytest.approx(0.6225)
+    # A dominated point (slower and worse) changes nothing; nothing reaching past 3x is integrated.
+    assert frontier_auc([1.0, 1.5, 1.4, 2.5], [0.90, 0.89, 0.5, 0.80]) == pytest.approx(0.6225)
+    assert frontier_auc([1.0, 4.0], [0.9, 0.7]) == pytest.approx(0.7)
+    assert frontier_auc([1.0], [0.9]) == 0.0  # only the full model: nothing beyond 1.0x
+    with pytest.raises(ValueError, match="a < b"):
+        frontier_auc([1.0], [0.9], 3.0, 1.0)
+
+
+def test_per_seed_scores_by_hand(records):
+    scores = per_seed_scores(records).set_index(["method", "seed"])
+    a0, a1, b0 = scores.loc[("alpha", 0)], scores.loc[("alpha", 1)], scores.loc[("beta", 0)]
+    assert a0["metric_at_1.5x"] == pytest.approx(0.89)
+    assert a0["metric_at_2x"] == pytest.approx(0.80)
+    assert a0["best_speedup_within_1pt"] == pytest.approx(1.5)  # 0.89 >= 0.90 - 0.01
+    assert a0["auc"] == pytest.approx(0.6225)
+    assert a1["metric_at_2x"] == pytest.approx(0.85)  # exactly 2.0x counts
+    assert a1["best_speedup_within_1pt"] == 1.0  # nothing >= 0.91: only the full model qualifies
+    assert a1["auc"] == pytest.approx(0.4415)
+    assert b0["best_speedup_within_1pt"] == pytest.approx(1.8)  # 0.90 is exactly on the tolerance
+    assert math.isnan(b0["metric_at_2x"])
+
+
+def test_leaderboard_averages_seeds(records):
+    board = leaderboard(records)
+    assert list(board.columns) == [
+        "task", "method", "backbone", "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
+        "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
+    ]  # fmt: skip
+    assert list(board["method"]) == ["alpha", "beta"]  # AUC 0.532 > 0.380
+    alpha, beta = board.iloc[0], board.iloc[1]
+    assert alpha["seeds"] == 2 and alpha["metric_name"] == "accuracy"
+    assert alpha["full_model_metric"] == pytest.approx(0.91)
+    assert alpha["full_model_metric_std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
+    assert alpha["metric_at_1.5x"] == pytest.approx((0.89 + 0.905) / 2)
+    assert alpha["metric_at_2x"] == pytest.approx((0.80 + 0.85) / 2)
+    assert alpha["best_speedup_within_1pt"] == pytest.approx((1.5 + 1.0) / 2)
+    assert alpha["auc"] == pytest.approx((0.6225 + 0.4415) / 2)
+    assert alpha["auc_std"] == pytest.approx(np.std([0.6225, 0.4415], ddof=1))
+    assert beta["full_model_metric_std"] == pytest.approx(0.0)
+    assert beta["metric_at_1.5x"] == pytest.approx((0.90 + 0.88) / 2)
+    assert math.isnan(beta["metric_at_2x"])  # beta never reaches 2x
+    assert beta["best_speedup_within_1pt"] == pytest.approx((1.8 + 1.3) / 2)
+    assert beta["auc"] == pytest.approx((0.361 + 0.39975) / 2)
+
+
+def test_score_missing_in_one_seed_is_nan_not_a_partial_mean():
+    rows = [*curve("alpha", 0, 0.9, [(2.2, 0.8)]), *curve("alpha", 1, 0.9, [(1.7, 0.85)])]
+    board = leaderboard(pd.DataFrame(rows))
+    assert math.isnan(board.loc[0, "metric_at_2x"])
+    assert board.loc[0, "metric_at_1.5x"] == pytest.approx(0.825)
+
+
+def test_full_model_is_the_1x_point():
+    # The full model's measured wall-clock ratio is 0.95 (noise); it must count as exactly 1.0x.
+    rows = curve("alpha", 0, 0.90, [(1.5, 0.89), (2.5, 0.80)])
+    rows[0]["wallclock_speedup"] = 0.95
+    board = leaderboard(pd.DataFrame(rows), speedup="wallclock_speedup", auc_range=(0.5, 3.0), tolerance=0.0)
+    # [0.5,1]: 0.90 (the full model) ; (1,1.5]: 0.89 ; (1.5,2.5]: 0.80 ; (2.5,3]: 0 -> 1.695 / 2.5
+    assert board.loc[0, "auc"] == pytest.approx(0.678)
+    assert board.loc[0, "best_speedup_within_1pt"] == 1.0
+    assert math.isnan(board.loc[0, "auc_std"])  # one seed
+
+
+def test_backbones_are_separate_rows():
+    rows = [*curve("alpha", 0, 0.9, [(2.0, 0.9)]), *curve("alpha", 0, 0.8, [(2.0, 0.1)], backbone="bert")]
+    board = leaderboard(pd.DataFrame(rows))
+    assert sorted(board["backbone"]) == ["bert", "minilm"]
+    assert board.set_index("backbone").loc["minilm", "metric_at_2x"] == pytest.approx(0.9)
+
+
+def test_batch_size_selection_and_fallback(records):
+    both = pd.concat(
+        [records, records.assign(batch_size=32, wallclock_speedup=records["wallclock_speedup"] / 2)]
+    )
+    assert set(operating_points(both, 1)["batch_size"]) == {1}
+    assert len(operating_points(both, 32)) == len(records)
+    only32 = records.assign(batch_size=32)
+    assert set(operating_points(only32, 1)["batch_size"]) == {32}  # requested 1 is absent -> smallest
+    assert len(leaderboard(only32)) == 2
+    # Wall-clock scores follow the chosen batch size: halved speed-ups at 32 lose the 2x points.
+    assert not leaderboard(both, speedup="wallclock_speedup", batch_size=1)["metric_at_2x"].isna().all()
+    assert leaderboard(both, speedup="wallclock_speedup", batch_size=32)["metric_at_2x"].isna().all()
+    # The fallback is per task: a task measured only at 32 is not dropped because another has 1.
+    other = only32.assign(task="mrpc")
+    assert set(leaderboard(pd.concat([records, other]))["task"]) == {"sst2", "mrpc"}
+
+
+def test_operating_points_sorted_and_rerun_wins(records):
+    rerun = make_record(method="alpha", seed=0, speedup=1.5, knob_label="t=0.1", metric=0.5)
+    pts = operating_points(pd.concat([records, pd.DataFrame([rerun])], ignore_index=True))
+    alpha0 = pts[(pts["method"] == "alpha") & (pts["seed"] == 0)]
+    assert list(alpha0["saved_layer_speedup"]) == [1.0, 1.5, 2.5]
+    assert alpha0.loc[alpha0["knob_label"] == "t=0.1", "metric"].item() == 0.5
+    assert "config" not in pts.columns
+
+
+def test_load_records_roundtrip(tmp_path, records):
+    loaded = load_records(write_store(tmp_path, RECORDS))
+    assert len(loaded) == len(RECORDS)
+    assert loaded.loc[1, "knob"] == {"t": 0.1}  # knob stays a dict
+    pd.testing.assert_frame_equal(leaderboard(loaded), leaderboard(records))
+
+
+def test_load_records_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"records\.jsonl.*eebench run --out"):
+        load_records(tmp_path / "nowhere")
+
+
+def test_load_records_malformed_line_names_line(tmp_path):
+    path = write_store(tmp_path, RECORDS[:2]) / "records.jsonl"
+    path.write_text(path.read_text() + "\n" + '{"method": "alpha", "task"\n')  # line 3 blank, line 4 cut off
+    with pytest.raises(ValueError, match=r"records\.jsonl, line 4: malformed JSON"):
+        load_records(tmp_path)
+    bad = dict(RECORDS[0])
+    del bad["metric"]
+    write_store(tmp_path, [RECORDS[0], bad])
+    with pytest.raises(ValueError, match="line 2: missing field.*metric"):
+        load_records(tmp_path)
+
+
+def test_to_markdown_formats(records):
+    text = to_markdown(leaderboard(records))
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| task | method |")
+    assert (
+        "| sst2 | alpha | minilm | accuracy | 2 | 91.00 ± 1.41 | 89.75 | 82.50 | 1.25x | 53.20 ± 12.80 |"
+        in lines
+    )
+    assert (
+        "| sst2 | beta | minilm | accuracy | 2 | 91.00 ± 0.00 | 89.00 | — | 1.55x | 38.04 ± 2.74 |" in lines
+    )
+    legend = lines[-1]
+    assert lines[-2] == "" and "saved_layer_speedup" in legend and "1 pt" in legend and "1–3x" in legend
+    assert "| 91.0 ± 1.4 | 89.8 | 82.5 | 1.25x | 53.2 ± 12.8 |" in to_markdown(leaderboard(records), digits=1)
+    custom = to_markdown(leaderboard(records, tolerance=0.02, auc_range=(1.0, 2.0), speedup="flops_speedup"))
+    assert "flops_speedup" in custom and "2 pt" in custom and "1–2x" in custom
+
+
+def test_write_leaderboard(tmp_path, records):
+    write_store(tmp_path, RECORDS)
+    board, path = write_leaderboard(tmp_path, tolerance=0.02, digits=1)
+    assert path == tmp_path / "leaderboard.md"
+    assert path.read_text() == to_markdown(leaderboard(records, tolerance=0.02), digits=1)
+    assert list(board["method"]) == ["alpha", "beta"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.md", "records.jsonl"]  # no temp left
+
+
+def test_empty_store(tmp_path):
+    (tmp_path / "records.jsonl").write_text("\n")
+    board, path = write_leaderboard(tmp_path)
+    assert board.empty and path.read_text().startswith("| task |")

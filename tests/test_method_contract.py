@@ -1,0 +1,101 @@
+"""The one contract every registered method must satisfy (timm style: parametrized over the registry).
+
+Each method is trained for a few steps on a tiny random backbone and a slice of real data, then:
+exits have batch shape and lie in 1..L; the first (largest-budget) knob reproduces the full model;
+per-example exits do not depend on the batch (batched == one at a time); cost never exceeds full depth.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eebench.backbones import load_backbone
+from eebench.methods import ExitOutput, build_method, check_exit_output, get_method_class, method_names
+from eebench.methods.protocol import check_method_class
+from eebench.tasks import get_task, load_split
+from eebench.training import LoopTrainer, collate, encode
+
+from conftest import FAST_TRAIN, GLUE
+
+BUILTINS = method_names()
+
+
+def _trained(method_name: str, task_name: str):
+    spec = get_task(task_name)
+    backbone = load_backbone("tiny-bert", seed=0)
+    method = build_method(method_name)
+    torch.manual_seed(0)
+    model = method.attach(backbone, spec)
+    data = load_split(spec, "train", None if task_name == "graded" else GLUE, limit=64, seed=0)
+    encoded = encode(data.examples, backbone.tokenizer, FAST_TRAIN.max_seq_length, spec.kind == "regression")
+    method.fit(LoopTrainer(model, encoded, FAST_TRAIN, 0, backbone.tokenizer.pad_token_id, "cpu", progress=False))
+    model.eval()
+    dev = load_split(spec, "dev", None if task_name == "graded" else GLUE, limit=12, seed=0)
+    dev_encoded = encode(dev.examples, backbone.tokenizer, FAST_TRAIN.max_seq_length, spec.kind == "regression")
+    return method, spec, backbone, dev_encoded
+
+
+def _cases():
+    for name in BUILTINS:
+        kinds = get_method_class(name).task_kinds
+        if "classification" in kinds:
+            yield pytest.param((name, "graded"), id=f"{name}-classification")
+        if "regression" in kinds:
+            yield pytest.param((name, "stsb"), id=f"{name}-regression")
+
+
+@pytest.fixture(scope="module", params=list(_cases()))
+def trained(request):
+    return _trained(*request.param)
+
+
+def test_class_satisfies_protocol(trained):
+    method, *_ = trained
+    check_method_class(type(method))
+
+
+def test_every_knob_gives_batch_shaped_exits_within_depth(trained):
+    method, spec, backbone, dev = trained
+    batch = collate(dev, list(range(len(dev))), backbone.tokenizer.pad_token_id, "cpu")
+    L = backbone.num_layers
+    knobs = method.knobs(spec, L)
+    assert knobs, "a method must expose at least one operating point"
+    any_early = False
+    with torch.inference_mode():
+        for knob in [None, *knobs]:
+            out = method.predict(batch, knob)
+            assert isinstance(out, ExitOutput)
+            check_exit_output(out, len(dev), L)
+            assert out.logits.shape == (len(dev), spec.num_labels)
+            assert ((out.exit_layer >= 1) & (out.exit_layer <= L)).all()
+            assert (out.head_macs > 0).all(), "the head that produced the answer costs something"
+            any_early |= bool((out.exit_layer < L).any())
+    assert any_early, "no knob ever exits early: the exit rule is not wired"
+
+
+def test_largest_budget_knob_equals_full_model(trained):
+    method, spec, backbone, dev = trained
+    batch = collate(dev, list(range(len(dev))), backbone.tokenizer.pad_token_id, "cpu")
+    with torch.inference_mode():
+        full = method.predict(batch, None)
+        largest = method.predict(batch, method.knobs(spec, backbone.num_layers)[0])
+    assert (largest.exit_layer == backbone.num_layers).all()
+    assert (full.exit_layer == backbone.num_layers).all()
+    torch.testing.assert_close(largest.logits, full.logits, rtol=1e-5, atol=1e-6)
+    # the full model evaluates only its final head, never more than the early-exit path at full depth
+    assert (full.head_macs <= largest.head_macs).all()
+
+
+def test_batched_exits_equal_one_at_a_time(trained):
+    """Exits are per example: an example's exit and answer do not depend on the rest of its batch."""
+    method, spec, backbone, dev = trained
+    pad = backbone.tokenizer.pad_token_id
+    batch = collate(dev, list(range(len(dev))), pad, "cpu")
+    with torch.inference_mode():
+        for knob in method.knobs(spec, backbone.num_layers):
+            together = method.predict(batch, knob)
+            for i in range(len(dev)):
+                alone = method.predict(collate(dev, [i], pad, "cpu"), knob)
+                assert alone.exit_layer.item() == together.exit_layer[i].item(), (knob, i)
+                torch.testing.assert_close(alone.logits[0], together.logits[i], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,100 @@
+"""The runner end to end on a tiny model and slices of real data; idempotence; the records it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from eebench.leaderboard import leaderboard, load_records
+from eebench.runner import UnsupportedTaskError, checkpoint_key, run_job, run_jobs
+
+from conftest import GLUE, tiny_job
+
+REQUIRED = {"method", "task", "seed", "backbone", "knob", "metric_name", "metric", "num_layers", "mean_exit_layer",
+            "saved_layer_speedup", "flops_speedup", "wallclock_speedup", "batch_size", "device", "n_examples",
+            "job_id", "config", "environment"}
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    cache = tmp_path_factory.mktemp("cache")
+    jobs = [tiny_job(m, "sst2", data_dir=str(GLUE)) for m in ("deebert", "pabee")]
+    summary = run_jobs(jobs, out, cache, progress=False, log=lambda _: None)
+    return out, cache, jobs, summary
+
+
+def test_records_have_the_documented_fields(sst2_run):
+    out, _, jobs, summary = sst2_run
+    assert len(summary["done"]) == 2
+    lines = (out / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        assert REQUIRED <= set(record), REQUIRED - set(record)
+        assert record["task"] == "sst2" and record["n_examples"] == 24 and record["device"] == "cpu"
+        assert 1 <= record["mean_exit_layer"] <= record["num_layers"] == 4
+        assert record["saved_layer_speedup"] == pytest.approx(4 / record["mean_exit_layer"])
+        assert record["batch_size"] in (1, 4)
+        assert {"git_commit", "torch", "transformers", "device_name", "torch_threads", "dtype"} <= set(record["environment"])
+    # one full-model row per job and batch size, knobs as objects
+    full = [r for r in records if r["is_full_model"]]
+    assert len(full) == 4 and all(r["knob"] == {} and r["saved_layer_speedup"] == 1.0 for r in full)
+    assert {tuple(r["knob"]) for r in records if r["method"] == "pabee" and not r["is_full_model"]} == {("patience",)}
+
+
+def test_metric_matches_the_stored_per_example_predictions(sst2_run):
+    out, _, jobs, _ = sst2_run
+    records = load_records(out)
+    for job in jobs:
+        examples = pd.read_parquet(out / "examples" / f"{job.job_id}.parquet")
+        for label, group in examples.groupby("knob_label"):
+            record = records[(records.job_id == job.job_id) & (records.knob_label == label)].iloc[0]
+            assert record["metric"] == pytest.approx((group.prediction == group.label).mean())
+            assert record["mean_exit_layer"] == pytest.approx(group.exit_layer.mean())
+
+
+def test_rerun_is_idempotent_and_uses_the_checkpoint_cache(sst2_run):
+    out, cache, jobs, _ = sst2_run
+    before = (out / "records.jsonl").read_text()
+    summary = run_jobs(jobs, out, cache, progress=False, log=lambda _: None)
+    assert summary["skipped"] == [job.describe() for job in jobs] and not summary["done"]
+    assert (out / "records.jsonl").read_text() == before
+    # a fresh results dir re-evaluates but loads the fine-tuned weights instead of training again
+    records, _ = run_job(jobs[1], cache, progress=False)
+    assert len(list((cache / "checkpoints").glob("*.pt"))) == 2
+    old = load_records(out)
+    old_pabee = old[(old.method == "pabee")].sort_values(["knob_label", "batch_size"])
+    new = pd.DataFrame(records).sort_values(["knob_label", "batch_size"])
+    assert list(new.metric) == list(old_pabee.metric)
+    assert list(new.mean_exit_layer) == list(old_pabee.mean_exit_layer)
+
+
+def test_leaderboard_from_a_real_run(sst2_run):
+    out, *_ = sst2_run
+    board = leaderboard(load_records(out))
+    assert set(board.method) == {"deebert", "pabee"} and set(board.task) == {"sst2"}
+
+
+def test_job_identity_is_a_hash_of_the_resolved_config():
+    a, b = tiny_job("pabee"), tiny_job("pabee")
+    assert a.job_id == b.job_id
+    assert tiny_job("pabee", seed=1).job_id != a.job_id
+    assert tiny_job("pabee", eval_limit=10).job_id != a.job_id
+
+
+def test_checkpoint_key_is_shared_by_methods_with_the_same_training_signature():
+    job = tiny_job("pabee")
+    assert checkpoint_key(job, {"recipe": "x"}) == checkpoint_key(tiny_job("other"), {"recipe": "x"})
+    assert checkpoint_key(job, {"recipe": "x"}) != checkpoint_key(job, {"recipe": "y"})
+    # evaluation settings do not change the trained weights
+    assert checkpoint_key(tiny_job("pabee", eval_limit=3), {"r": 1}) == checkpoint_key(job, {"r": 1})
+
+
+def test_unsupported_task_is_reported_not_run(tmp_path):
+    with pytest.raises(UnsupportedTaskError, match="deebert does not support regression"):
+        run_job(tiny_job("deebert", "stsb", data_dir=str(GLUE)), tmp_path, progress=False)
+    summary = run_jobs([tiny_job("deebert", "stsb", data_dir=str(GLUE))], tmp_path / "out", tmp_path,
+                       progress=False, log=lambda _: None)
+    assert summary["unsupported"] and not summary["done"]
