@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, entropy, exit_loss
+from eebench.methods.exits import ExitHead, MultiExitModel, StatelessRule, entropy, exit_loss
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
 # scripts/eval_entropy.sh of the original repository.
@@ -27,17 +27,9 @@ class DeeBERTConfig:
     entropy_grid: tuple[float, ...] = ENTROPY_GRID
 
 
-class EntropyRule:
+def entropy_rule(threshold: float) -> StatelessRule:
     """Exit when H(softmax(z_i)) < S. S = 0 never exits (entropy >= 0 and the test is strict)."""
-
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-
-    def start(self, batch_size: int, device: torch.device) -> RuleState:
-        return {}
-
-    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
-        return entropy(logits) < self.threshold, state
+    return StatelessRule(lambda layer, logits: entropy(logits) < threshold)
 
 
 class DeeBERT:
@@ -92,7 +84,7 @@ class DeeBERT:
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
             return self.model.full(batch)
-        return self.model.early_exit(batch, EntropyRule(knob["entropy_threshold"]))
+        return self.model.early_exit(batch, entropy_rule(knob["entropy_threshold"]))
 
     def training_signature(self) -> dict:
         # The entropy grid is an exit-rule setting, not a training one.

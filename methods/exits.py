@@ -7,7 +7,7 @@ costs what its examples cost, and no example's exit depends on the others in its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -29,6 +29,19 @@ class ExitRule(Protocol):
     def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
         """layer: 1..L-1; logits: (b, C) of the b running examples -> (exit mask (b,) bool, new state)."""
         ...
+
+
+class StatelessRule:
+    """An exit rule that looks only at the current layer's logits: `should_exit(layer, logits) -> (b,) bool`."""
+
+    def __init__(self, should_exit: Callable[[int, torch.Tensor], torch.Tensor]):
+        self.should_exit = should_exit
+
+    def start(self, batch_size: int, device: torch.device) -> RuleState:
+        return {}
+
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
+        return self.should_exit(layer, logits), state
 
 
 class ExitHead(nn.Module):

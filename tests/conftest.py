@@ -31,3 +31,14 @@ def tiny_job(method: str, task: str = "graded", **changes) -> Job:
                     train_limit=96, eval_limit=24, data_dir=None)
     settings.update(changes)
     return Job(**settings)
+
+
+def install_plugin(tmp_path: Path, monkeypatch, dist: str, module: str, code: str, entries: dict[str, str]) -> None:
+    """Install a real distribution on sys.path: a module plus its .dist-info declaring `eebench.methods` entry points."""
+    (tmp_path / f"{module}.py").write_text(code)
+    info = tmp_path / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {module}:{target}\n" for name, target in entries.items())
+    (info / "entry_points.txt").write_text(f"[eebench.methods]\n{lines}")
+    monkeypatch.syspath_prepend(str(tmp_path))

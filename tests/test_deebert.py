@@ -7,7 +7,7 @@ import math
 import torch
 
 from eebench.backbones import load_backbone
-from eebench.methods.deebert import DeeBERT, EntropyRule
+from eebench.methods.deebert import DeeBERT, entropy_rule
 from eebench.methods.exits import entropy
 from eebench.tasks import get_task, load_split
 from eebench.training import LoopTrainer, encode
@@ -23,11 +23,11 @@ def test_entropy_is_in_nats_and_unnormalised():
 
 def test_entropy_rule_strict_threshold():
     logits = torch.tensor([[0.0, 0.0], [5.0, -5.0], [1.0, 0.0]])  # H = ln 2, ~0.0005, ~0.582
-    exit_now, _ = EntropyRule(0.6).decide(1, logits, {})
+    exit_now, _ = entropy_rule(0.6).decide(1, logits, {})
     assert exit_now.tolist() == [False, True, True]
-    exit_now, _ = EntropyRule(0.0).decide(1, logits, {})  # S = 0 never exits (H >= 0, strict <)
+    exit_now, _ = entropy_rule(0.0).decide(1, logits, {})  # S = 0 never exits (H >= 0, strict <)
     assert exit_now.tolist() == [False, False, False]
-    exit_now, _ = EntropyRule(0.7).decide(1, logits, {})  # S > ln 2 exits everything on a binary task
+    exit_now, _ = entropy_rule(0.7).decide(1, logits, {})  # S > ln 2 exits everything on a binary task
     assert exit_now.tolist() == [True, True, True]
 
 

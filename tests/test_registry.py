@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from eebench.methods import (
@@ -15,7 +13,8 @@ from eebench.methods import (
     list_methods,
     method_names,
 )
-from eebench.methods.registry import ENTRY_POINT_GROUP
+
+from conftest import install_plugin
 
 PLUGIN_CODE = '''
 import torch
@@ -57,17 +56,8 @@ class Broken:
 '''
 
 
-def install_plugin(tmp_path, monkeypatch, dist: str, entries: dict[str, str], name: str = "firstlayer") -> None:
-    """Install a real distribution (a package + its .dist-info with entry points) on sys.path."""
-    package = tmp_path / f"{dist}_pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text(PLUGIN_CODE.format(name=name))
-    info = tmp_path / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = "\n".join(f"{key} = {dist}_pkg:{target}" for key, target in entries.items())
-    (info / "entry_points.txt").write_text(textwrap.dedent(f"[{ENTRY_POINT_GROUP}]\n{lines}\n"))
-    monkeypatch.syspath_prepend(str(tmp_path))
+def install(tmp_path, monkeypatch, dist: str, entries: dict[str, str], name: str = "firstlayer") -> None:
+    install_plugin(tmp_path, monkeypatch, dist, f"{dist}_pkg", PLUGIN_CODE.format(name=name), entries)
 
 
 def test_builtins_are_registered():
@@ -88,7 +78,7 @@ def test_unknown_method_lists_known_and_suggests():
 
 
 def test_entry_point_plugin_is_discovered_and_runs(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "eebench_test_plugin", {"firstlayer": "FirstLayer"})
+    install(tmp_path, monkeypatch, "eebench_test_plugin", {"firstlayer": "FirstLayer"})
     assert "firstlayer" in method_names()
     info = {m.name: m for m in list_methods()}["firstlayer"]
     assert info.origin == "eebench_test_plugin"
@@ -98,7 +88,7 @@ def test_entry_point_plugin_is_discovered_and_runs(tmp_path, monkeypatch):
 
 
 def test_plugin_that_breaks_the_protocol_names_what_is_missing(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "eebench_broken_plugin", {"broken": "Broken"}, name="broken")
+    install(tmp_path, monkeypatch, "eebench_broken_plugin", {"broken": "Broken"}, name="broken")
     with pytest.raises(ProtocolError) as error:
         get_method_class("broken")
     message = str(error.value)
@@ -109,19 +99,19 @@ def test_plugin_that_breaks_the_protocol_names_what_is_missing(tmp_path, monkeyp
 
 
 def test_name_collision_with_a_builtin_is_an_error(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "eebench_clash_plugin", {"pabee": "FirstLayer"}, name="pabee")
+    install(tmp_path, monkeypatch, "eebench_clash_plugin", {"pabee": "FirstLayer"}, name="pabee")
     with pytest.raises(DuplicateMethodError) as error:
         method_names()
     assert "pabee" in str(error.value) and "eebench_clash_plugin" in str(error.value)
 
 
 def test_entry_point_name_must_match_class_name(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "eebench_misnamed_plugin", {"other": "FirstLayer"}, name="firstlayer")
+    install(tmp_path, monkeypatch, "eebench_misnamed_plugin", {"other": "FirstLayer"}, name="firstlayer")
     with pytest.raises(ProtocolError, match="make the entry-point name"):
         get_method_class("other")
 
 
 def test_entry_point_that_cannot_be_imported(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "eebench_typo_plugin", {"typo": "NoSuchClass"}, name="typo")
+    install(tmp_path, monkeypatch, "eebench_typo_plugin", {"typo": "NoSuchClass"}, name="typo")
     with pytest.raises(ProtocolError, match="cannot be imported"):
         get_method_class("typo")
