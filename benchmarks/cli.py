@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
+                       ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
@@ -108,6 +109,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_points(args: argparse.Namespace) -> int:
+    from eebench.leaderboard import load_records, points_markdown, points_table
+    from eebench.store import atomic_write_text
+    text = points_markdown(points_table(load_records(args.results)))
+    atomic_write_text(Path(args.results) / "points.md", text)
+    print(text)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
     paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -155,7 +165,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "plot": cmd_plot, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "plot": cmd_plot, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

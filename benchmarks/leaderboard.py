@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from eebench.store import atomic_write_text
 
 RECORDS_FILE = "records.jsonl"
 LEADERBOARD_FILE = "leaderboard.md"
@@ -250,18 +250,6 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join(lines) + "\n\n" + legend + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the table is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_leaderboard(results_dir: str | Path, digits: int = 2, **kwargs) -> tuple[pd.DataFrame, Path]:
     """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md``.
@@ -271,5 +259,32 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, **kwargs) -> tup
     """
     board = leaderboard(load_records(results_dir), **kwargs)
     path = Path(results_dir) / LEADERBOARD_FILE
-    _atomic_write_text(path, to_markdown(board, digits=digits))
+    atomic_write_text(path, to_markdown(board, digits=digits))
     return board, path
+
+
+def points_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Every operating point with all its costs side by side: one row per (task, method, seed, knob), the
+    wall-clock speed-up of each timing batch size as its own column (``wallclock_bs1``, ``wallclock_bs32``)."""
+    keys = ["task", "method", "backbone", "seed", "knob_label"]
+    first = records.drop_duplicates(keys).set_index(keys)
+    table = first[["metric_name", "metric", "mean_exit_layer", "saved_layer_speedup", "flops_speedup"]].copy()
+    wallclock = records.pivot_table(index=keys, columns="batch_size", values="wallclock_speedup", aggfunc="first")
+    for batch_size in wallclock.columns:
+        table[f"wallclock_bs{batch_size}"] = wallclock[batch_size]
+    table = table.reset_index().sort_values(["task", "method", "seed", "saved_layer_speedup"], kind="stable")
+    return table.reset_index(drop=True)
+
+
+def points_markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``)."""
+    wall = [c for c in table.columns if c.startswith("wallclock_bs")]
+    headers = ["task", "method", "seed", "operating point", "metric", "mean exit layer", "saved-layer",
+               "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall]]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|"]
+    for row in table.to_dict("records"):
+        cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
+                 f"{row['metric_name']} {_pct(row['metric'], digits)}", f"{row['mean_exit_layer']:.2f}",
+                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -7,9 +7,8 @@ speed-ups are ratios (full-model cost / point cost).
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
 from collections.abc import Sequence
 from itertools import cycle
 from pathlib import Path
@@ -21,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from eebench.leaderboard import SPEEDUPS, load_records, operating_points
+from eebench.store import atomic_write_bytes
 
 FIGURES_DIR = "figures"
 _SPEEDUP_NAMES = {
@@ -121,16 +121,10 @@ def _safe(name: str) -> str:
 
 
 def _atomic_savefig(fig: Figure, path: Path, fmt: str) -> None:
-    """Save via a temp file in the same folder + os.replace, so readers never see a half-written figure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=200)  # format given explicitly: the temp name has no extension
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Render in memory, then write atomically, so readers never see a half-written figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=200)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_figures(
