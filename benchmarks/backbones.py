@@ -14,6 +14,7 @@ Names a backbone can have:
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,19 +58,42 @@ class BackboneInfo:
     intermediate_size: int
 
 
+POOLINGS = ("cls", "mean")
+
+
+class VectorPooler(nn.Module):
+    """dense d -> d + tanh on a sequence summary (B, d). Wraps the pre-trained pooler's own `dense`
+    module (shared, not copied), so its weights are the checkpoint's."""
+
+    def __init__(self, dense: nn.Linear):
+        super().__init__()
+        self.dense = dense
+        self.activation = nn.Tanh()
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(summary))
+
+
 class EncoderBackbone(nn.Module):
     """An encoder split into `embed` and `layer(i)` steps (layers are 1-based, as in the method specs).
 
     Shapes: input_ids / attention_mask / token_type_ids (B, S); hidden states (B, S, d);
     the attention bias returned by `embed` is additive, (B, 1, 1, S), 0 for real tokens and the dtype's
     minimum for padding, which both the eager and the SDPA attention of transformers accept.
+
+    `pooling` says how exit heads summarise a layer's hidden states before the pooler: "cls" (position 0,
+    BERT's and every method spec's choice) or "mean" (mean over real tokens, for checkpoints trained that
+    way, such as the sentence-transformers MiniLM, whose [CLS] state is nearly constant below the last layer).
     """
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise BackboneError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
+        self.pooling = pooling
         config = model.config
         self.model_type = config.model_type
         if self.model_type == "albert":
@@ -84,7 +108,7 @@ class EncoderBackbone(nn.Module):
                 "ALBERT. Use one of those, or add an adapter in eebench/backbones.py.")
         # Early-exit heads start from the pre-trained pooler (DeeBERT, PABEE); encoders without one
         # (e.g. ELECTRA) get a freshly initialised dense+tanh pooler.
-        self.pooler = getattr(model, "pooler", None) or _new_pooler(config.hidden_size, config.initializer_range)
+        self.pooler = VectorPooler(_pretrained_pooler_dense(model) or _new_dense(config.hidden_size, config.initializer_range))
         self.info = BackboneInfo(name=name, model_type=self.model_type, num_layers=config.num_hidden_layers,
                                  hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
 
@@ -119,6 +143,13 @@ class EncoderBackbone(nn.Module):
         # transformers 4.x layers return a tuple, 5.x a tensor.
         return out[0] if isinstance(out, tuple) else out
 
+    def summarize(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, d), attention_mask (B, S) -> the vector (B, d) that exit heads pool."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
     def forward_all(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """All L layers; returns the last hidden states (B, S, d). Used by plain full-model training."""
         hidden, bias = self.embed(input_ids, attention_mask, token_type_ids)
@@ -133,25 +164,33 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return bias
 
 
-def _new_pooler(hidden_size: int, std: float) -> nn.Module:
+def _pretrained_pooler_dense(model: nn.Module) -> nn.Linear | None:
+    pooler = getattr(model, "pooler", None)
+    if isinstance(pooler, nn.Linear):  # ALBERT: `pooler` is the dense layer, tanh is `pooler_activation`
+        return pooler
+    return getattr(pooler, "dense", None)
+
+
+def _new_dense(hidden_size: int, std: float) -> nn.Linear:
     dense = nn.Linear(hidden_size, hidden_size)
     nn.init.normal_(dense.weight, std=std)
     nn.init.zeros_(dense.bias)
-
-    class Pooler(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.dense = dense
-            self.activation = nn.Tanh()
-
-        def forward(self, hidden):
-            return self.activation(self.dense(hidden[:, 0]))
-
-    return Pooler()
+    return dense
 
 
-def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype = torch.float32) -> EncoderBackbone:
-    """Load a backbone by name (see module docstring). `seed` only matters for the random tiny configs."""
+def checkpoint_pooling(folder: str | Path) -> str:
+    """The pooling a checkpoint was trained with: "mean" when its sentence-transformers pooling config
+    says mean tokens, else "cls"."""
+    config = Path(folder) / "1_Pooling" / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  pooling: str = "auto") -> EncoderBackbone:
+    """Load a backbone by name (see module docstring). `seed` only matters for the random tiny configs.
+    pooling "auto" takes the checkpoint's own ("mean" for the sentence-transformers MiniLM, else "cls")."""
     if name in TINY_CONFIGS:
         tokenizer_dir = minilm_path()  # a real WordPiece vocabulary, no download
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -161,7 +200,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype
                                       pad_token_id=tokenizer.pad_token_id, **params)
         torch.manual_seed(seed)
         model = AutoModel.from_config(config)
-        return EncoderBackbone(name, model.to(dtype), tokenizer)
+        return EncoderBackbone(name, model.to(dtype), tokenizer, "cls" if pooling == "auto" else pooling)
     source = str(minilm_path()) if name == OFFLINE_DEFAULT else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -172,7 +211,9 @@ def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype
             f"a Hugging Face hub name while online, or the offline default '{OFFLINE_DEFAULT}'.") from error
     except TypeError:  # transformers < 4.56 calls it torch_dtype
         model = AutoModel.from_pretrained(source, torch_dtype=dtype)
-    return EncoderBackbone(name, model, tokenizer)
+    if pooling == "auto":
+        pooling = checkpoint_pooling(source) if Path(source).is_dir() else "cls"
+    return EncoderBackbone(name, model, tokenizer, pooling)
 
 
 def backbone_names() -> list[str]:

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", nargs="+", help="override the suite's tasks")
     run.add_argument("--seeds", nargs="+", help="override the suite's seeds")
     run.add_argument("--backbone", help="minilm (offline default), tiny-bert, a hub name or a local folder")
+    run.add_argument("--pooling", choices=("auto", "cls", "mean"),
+                     help="what exit heads read: [CLS] or the token mean; auto = the checkpoint's own (default)")
     run.add_argument("--data-dir", help="GLUE-layout folder (e.g. ../shared/data/glue); default: the suite's, else the hub")
     run.add_argument("--out", help="results directory (default runs/<suite>)")
     run.add_argument("--train-limit", type=int, help="deterministic subsample of the training split")
@@ -80,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ValueError(f"--seeds takes integers, got {seeds}") from error
     suite = suite.with_overrides(methods=tuple(methods) if methods else None, tasks=tuple(tasks) if tasks else None,
-                                 seeds=seed_values, backbone=args.backbone, data_dir=args.data_dir,
+                                 seeds=seed_values, backbone=args.backbone, pooling=args.pooling, data_dir=args.data_dir,
                                  train_limit=args.train_limit, eval_limit=args.eval_limit)
     if args.epochs is not None:
         suite = replace(suite, train=replace(suite.train, epochs=args.epochs))

@@ -50,6 +50,7 @@ class Job:
     task: str
     seed: int
     backbone: str
+    pooling: str = "auto"   # how exit heads summarise a layer: "cls", "mean", or the checkpoint's own ("auto")
     method_config: dict = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -80,7 +81,7 @@ def _digest(obj: object) -> str:
 def checkpoint_key(job: Job, signature: dict) -> str:
     """What determines fine-tuned weights: backbone, task data, seed, training settings and the method's
     training signature. Methods that train the same network (PABEE and PCEE) share one checkpoint."""
-    return _digest({"backbone": job.backbone, "task": job.task, "seed": job.seed, "train": asdict(job.train),
+    return _digest({"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed, "train": asdict(job.train),
                     "data_dir": job.data_dir, "train_limit": job.train_limit, "signature": signature})
 
 
@@ -147,7 +148,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True,
     train_data = load_split(spec, "train", job.data_dir, job.train_limit, job.seed)
     dev_data = load_split(spec, "dev", job.data_dir, job.eval_limit, job.seed)
 
-    backbone = load_backbone(job.backbone, seed=job.seed)
+    backbone = load_backbone(job.backbone, seed=job.seed, pooling=job.pooling)
     method = build_method(job.method, **job.method_config)
     torch.manual_seed(job.seed)  # heads are initialised from the job seed
     model = method.attach(backbone, spec)
@@ -178,6 +179,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True,
 
     env = environment(device)
     base = {"method": job.method, "task": job.task, "seed": job.seed, "backbone": job.backbone,
+            "pooling": backbone.pooling,
             "metric_name": spec.primary_metric, "num_layers": num_layers, "device": device.type,
             "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
             "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],

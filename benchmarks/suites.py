@@ -17,6 +17,7 @@ class Suite:
     tasks: tuple[str, ...]
     seeds: tuple[int, ...] = (0,)
     backbone: str = "minilm"
+    pooling: str = "auto"
     data_dir: str | None = None
     train_limit: int | None = None
     eval_limit: int | None = None
@@ -24,7 +25,7 @@ class Suite:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def jobs(self, device: str = "cpu") -> list[Job]:
-        return [Job(method=m, task=t, seed=s, backbone=self.backbone, train=self.train, eval=self.eval,
+        return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, train=self.train, eval=self.eval,
                     data_dir=self.data_dir, train_limit=self.train_limit, eval_limit=self.eval_limit, device=device)
                 for t in self.tasks for m in self.methods for s in self.seeds]
 

@@ -45,7 +45,9 @@ class StatelessRule:
 
 
 class ExitHead(nn.Module):
-    """pooler (d -> d, tanh on position 0; may be shared between heads) -> dropout -> linear d -> C."""
+    """pooler (dense d -> d + tanh; may be shared between heads) -> dropout -> linear d -> C.
+
+    It reads the layer's sequence summary (B, d), position 0 or the token mean: see `EncoderBackbone.summarize`."""
 
     def __init__(self, pooler: nn.Module, hidden_size: int, num_labels: int, dropout: float, init_std: float):
         super().__init__()
@@ -55,9 +57,9 @@ class ExitHead(nn.Module):
         nn.init.normal_(self.classifier.weight, std=init_std)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, S, d) -> logits (B, C)."""
-        return self.classifier(self.dropout(self.pooler(hidden)))
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        """summary (B, d) -> logits (B, C)."""
+        return self.classifier(self.dropout(self.pooler(summary)))
 
     def macs(self) -> int:
         """Multiply-accumulates of one evaluation for one example (pooler d^2 + classifier d*C, as in the
@@ -85,6 +87,10 @@ class MultiExitModel(nn.Module):
     def _embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
+    def head(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of the exit head after `layer` (1..L), from that layer's hidden states (B, S, d)."""
+        return self.heads[layer - 1](self.backbone.summarize(hidden, attention_mask))
+
     def all_exit_logits(self, batch: Batch, layers: Sequence[int] | None = None,
                         backbone_grad: bool = True) -> list[torch.Tensor]:
         """Logits (B, C) of the heads at `layers` (default: all 1..L), running every layer once (training).
@@ -99,7 +105,7 @@ class MultiExitModel(nn.Module):
             with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
                 hidden = self.backbone.layer(layer, hidden, bias)
             if layer in wanted:
-                outputs.append(self.heads[layer - 1](hidden))
+                outputs.append(self.head(layer, hidden, batch["attention_mask"]))
         return outputs
 
     def full(self, batch: Batch) -> ExitOutput:
@@ -107,7 +113,7 @@ class MultiExitModel(nn.Module):
         hidden, bias = self._embed(batch)
         for layer in range(1, self.num_layers + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
-        logits = self.heads[-1](hidden)
+        logits = self.head(self.num_layers, hidden, batch["attention_mask"])
         size = logits.shape[0]
         final_head = self.cumulative_head_macs[-1] - (self.cumulative_head_macs[-2] if self.num_layers > 1 else 0)
         return ExitOutput(logits=logits,
@@ -118,6 +124,7 @@ class MultiExitModel(nn.Module):
         """Per-example early exit: after layer i every running example's head i is evaluated and the rule
         decides; exited rows leave the batch. The last layer's head answers for whoever is left."""
         hidden, bias = self._embed(batch)
+        mask = batch["attention_mask"]
         size, device = hidden.shape[0], hidden.device
         last = self.num_layers
         active = torch.arange(size, device=device)
@@ -126,7 +133,7 @@ class MultiExitModel(nn.Module):
         state = rule.start(size, device)
         for layer in range(1, last + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
-            logits = self.heads[layer - 1](hidden)
+            logits = self.head(layer, hidden, mask)
             if logits_out is None:
                 logits_out = logits.new_empty(size, logits.shape[-1])
             if layer == last:
@@ -140,7 +147,7 @@ class MultiExitModel(nn.Module):
                 keep = ~exit_now
                 if not bool(keep.any()):
                     break
-                hidden, bias, active = hidden[keep], bias[keep], active[keep]
+                hidden, bias, mask, active = hidden[keep], bias[keep], mask[keep], active[keep]
                 state = {key: value[keep] for key, value in state.items()}
         assert logits_out is not None
         return ExitOutput(logits=logits_out, exit_layer=exit_layer,

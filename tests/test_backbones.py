@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from eebench.backbones import BackboneError, EncoderBackbone, load_backbone, minilm_path
+from eebench.backbones import BackboneError, EncoderBackbone, checkpoint_pooling, load_backbone, minilm_path
 
 SENTENCES = ["a short one", "a much longer sentence that forces padding in the batch"]
 
@@ -57,3 +57,22 @@ def test_layers_that_are_not_called_are_not_computed():
 def test_unknown_backbone_error_names_the_fix():
     with pytest.raises(BackboneError, match="offline default 'minilm'"):
         load_backbone("/nonexistent/model/folder")
+
+
+def test_pooling_summaries():
+    backbone = load_backbone("tiny-bert", seed=0, pooling="mean")
+    hidden = torch.arange(12.0).reshape(1, 3, 4).repeat(2, 1, 1)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(backbone.summarize(hidden, mask), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+    backbone.pooling = "cls"
+    torch.testing.assert_close(backbone.summarize(hidden, mask), hidden[:, 0])
+    with pytest.raises(BackboneError, match="pooling"):
+        load_backbone("tiny-bert", pooling="max")
+
+
+def test_minilm_auto_pooling_is_the_checkpoints_mean_pooling():
+    """all-MiniLM-L6-v2 was trained with mean pooling; its [CLS] state is nearly constant below the top layer,
+    which is why `auto` picks "mean" for it (and "cls" for BERT-style checkpoints)."""
+    assert checkpoint_pooling(minilm_path()) == "mean"
+    assert load_backbone("minilm").pooling == "mean"
+    assert load_backbone("minilm", pooling="cls").pooling == "cls"

@@ -99,3 +99,20 @@ def test_batched_exits_equal_one_at_a_time(trained):
                 alone = method.predict(collate(dev, [i], pad, "cpu"), knob)
                 assert alone.exit_layer.item() == together.exit_layer[i].item(), (knob, i)
                 torch.testing.assert_close(alone.logits[0], together.logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_mean_pooling_exits_do_not_depend_on_padding():
+    """With mean pooling the heads read a masked mean: padding added by a batch must not change anything."""
+    spec = get_task("graded")
+    backbone = load_backbone("tiny-bert", seed=0, pooling="mean")
+    method = build_method("pabee")
+    method.attach(backbone, spec).eval()
+    data = load_split(spec, "dev", limit=10, seed=0)
+    encoded = encode(data.examples, backbone.tokenizer, FAST_TRAIN.max_seq_length, False)
+    pad = backbone.tokenizer.pad_token_id
+    with torch.inference_mode():
+        together = method.predict(collate(encoded, list(range(10)), pad, "cpu"), {"patience": 1})
+        for i in range(10):
+            alone = method.predict(collate(encoded, [i], pad, "cpu"), {"patience": 1})
+            assert alone.exit_layer.item() == together.exit_layer[i].item()
+            torch.testing.assert_close(alone.logits[0], together.logits[i], rtol=1e-4, atol=1e-4)
