@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
                        ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
+                       ("difficulty", "mean exit layer and accuracy per difficulty level (graded task)"),
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
@@ -120,6 +121,13 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_difficulty(args: argparse.Namespace) -> int:
+    from eebench.analysis import difficulty_table
+    table = difficulty_table(args.results)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
     paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -167,7 +175,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "plot": cmd_plot, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "plot": cmd_plot, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

@@ -26,7 +26,7 @@ from eebench.env import environment
 from eebench.methods import build_method, check_exit_output, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.metrics import compute_metrics, predictions_from_logits
-from eebench.store import ResultsStore
+from eebench.store import ResultsStore, atomic_write_text
 from eebench.tasks import get_task, load_split
 from eebench.timing import clock_for, interleaved_medians
 from eebench.training import Encoded, LoopTrainer, TrainConfig, batch_indices, collate, encode
@@ -132,13 +132,11 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    from eebench.store import atomic_write_text  # weights first, then the metadata that marks them complete
-    atomic_write_text(meta_path, json.dumps(meta))
+    atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete
     return {**meta, "checkpoint": key, "from_cache": False}
 
 
-def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True,
-            log: Callable[[str], None] = print) -> tuple[list[dict], pd.DataFrame]:
+def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> tuple[list[dict], pd.DataFrame]:
     """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table)."""
     check_supported(job)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -245,7 +243,7 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
             summary["unsupported"].append(job.describe())
             continue
         log(f"job {job.job_id}: {job.describe()}")
-        records, examples = run_job(job, cache_dir, progress, log)
+        records, examples = run_job(job, cache_dir, progress)
         store.commit(job.job_id, records, examples)
         summary["done"].append(job.describe())
     return summary
