@@ -76,3 +76,19 @@ def test_minilm_auto_pooling_is_the_checkpoints_mean_pooling():
     assert checkpoint_pooling(minilm_path()) == "mean"
     assert load_backbone("minilm").pooling == "mean"
     assert load_backbone("minilm", pooling="cls").pooling == "cls"
+
+
+def test_minilm_cls_state_is_nearly_constant_below_the_top_layer():
+    """The measured reason for mean pooling on MiniLM: [CLS] barely depends on the input at layers 1-5."""
+    backbone = load_backbone("minilm").eval()
+    sentences = ["the film was wonderful .", "the film was awful .", "the plot was dull , but the acting was superb .",
+                 "i did not find the score painful ."]
+    enc = backbone.tokenizer(sentences, padding=True, return_tensors="pt")
+    spread = []
+    with torch.no_grad():
+        hidden, bias = backbone.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        for layer in range(1, 7):
+            hidden = backbone.layer(layer, hidden, bias)
+            cls = hidden[:, 0]
+            spread.append((cls.std(0).mean() / cls.norm(dim=-1).mean()).item())
+    assert max(spread[:5]) < 0.002 and spread[5] > 0.01, spread
