@@ -42,3 +42,31 @@ def install_plugin(tmp_path: Path, monkeypatch, dist: str, module: str, code: st
     lines = "".join(f"{name} = {module}:{target}\n" for name, target in entries.items())
     (info / "entry_points.txt").write_text(f"[eebench.methods]\n{lines}")
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+# Hand-built records.jsonl lines for the leaderboard and plot tests.
+def make_record(**overrides) -> dict:
+    """One records.jsonl line with defaults; a point's speed-ups all equal ``speedup`` unless overridden."""
+    speedup = overrides.pop("speedup", 1.0)
+    full = overrides.get("is_full_model", False)
+    rec = {
+        "method": "alpha", "task": "sst2", "seed": 0, "backbone": "minilm",
+        "knob": {} if full else {"t": 0.1}, "knob_label": "full model" if full else "t=0.1",
+        "is_full_model": False, "metric_name": "accuracy", "metric": 0.9, "metrics": {},
+        "num_layers": 12, "mean_exit_layer": 12 / speedup, "saved_layer_speedup": speedup,
+        "flops_speedup": speedup, "wallclock_speedup": speedup, "batch_size": 1, "device": "cpu",
+        "n_examples": 100, "job_id": "", "config": {}, "environment": {},
+    }  # fmt: skip
+    rec.update(overrides)
+    rec["metrics"] = rec["metrics"] or {rec["metric_name"]: rec["metric"]}
+    rec["job_id"] = rec["job_id"] or f"{rec['method']}-{rec['task']}-{rec['seed']}-{rec['backbone']}"
+    return rec
+
+
+def curve(method: str, seed: int, full: float, points: list[tuple[float, float]], **kw) -> list[dict]:
+    """A full-model row plus early-exit rows (speed-up, metric), knob labels t=0.1, t=0.2, ..."""
+    rows = [make_record(method=method, seed=seed, is_full_model=True, metric=full, **kw)]
+    for i, (s, m) in enumerate(points, start=1):
+        rows.append(make_record(method=method, seed=seed, speedup=s, metric=m, knob={"t": i / 10},
+                                knob_label=f"t={i / 10}", **kw))  # fmt: skip
+    return rows

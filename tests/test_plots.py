@@ -11,30 +11,7 @@ import pytest
 
 from eebench.plots.curves import FULL_MODEL_LABEL, tradeoff_figure, write_figures
 
-
-def make_record(**overrides) -> dict:
-    """One records.jsonl line with defaults; all speed-ups equal ``speedup`` (the full model: 1.0)."""
-    speedup = overrides.pop("speedup", 1.0)
-    rec = {
-        "method": "alpha", "task": "sst2", "seed": 0, "backbone": "minilm", "knob": {},
-        "knob_label": "full model", "is_full_model": False, "metric_name": "accuracy", "metric": 0.9,
-        "metrics": {}, "num_layers": 12, "mean_exit_layer": 12 / speedup, "saved_layer_speedup": speedup,
-        "flops_speedup": speedup, "wallclock_speedup": speedup, "batch_size": 1, "device": "cpu",
-        "n_examples": 100, "job_id": "", "config": {}, "environment": {},
-    }  # fmt: skip
-    rec.update(overrides)
-    rec["job_id"] = rec["job_id"] or f"{rec['method']}-{rec['task']}-{rec['seed']}-{rec['backbone']}"
-    return rec
-
-
-def curve(method: str, seed: int, full: float, points: list[tuple[float, float]], **kw) -> list[dict]:
-    """A full-model row plus early-exit rows (speed-up, metric) with knob labels t=0.1, t=0.2, ..."""
-    rows = [make_record(method=method, seed=seed, is_full_model=True, metric=full, **kw)]
-    for i, (s, m) in enumerate(points, start=1):
-        rows.append(make_record(method=method, seed=seed, speedup=s, metric=m, knob={"t": i / 10},
-                                knob_label=f"t={i / 10}", **kw))  # fmt: skip
-    return rows
-
+from conftest import curve
 
 # The same two methods x two seeds as tests/test_leaderboard.py.
 RECORDS = [
