@@ -36,14 +36,17 @@ class Suite:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-ALL_LAYERWISE = ("deebert", "pabee")
+ALL_LAYERWISE = ("deebert", "pabee", "pcee", "berxit")
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
-          methods=ALL_LAYERWISE, tasks=("graded",), train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
+          methods=("deebert", "pabee"), tasks=("graded",), train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
     Suite("sst2-minilm", "MiniLM-L6 on SST-2 from ../shared/data/glue: 8000 training examples, full dev.",
-          methods=ALL_LAYERWISE, tasks=("sst2",), data_dir="../shared/data/glue", train_limit=8000,
+          methods=("deebert", "pabee"), tasks=("sst2",), data_dir="../shared/data/glue", train_limit=8000,
           train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=256)),
+    Suite("layerwise-minilm", "All layer-wise methods, MiniLM-L6, SST-2 / MRPC / STS-B from ../shared/data/glue.",
+          methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "stsb"), data_dir="../shared/data/glue", train_limit=8000,
+          train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=128)),
     Suite("glue", "GLUE dev with any backbone (default bert-base-uncased from the hub), 3 seeds; GPU advised.",
           methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
           seeds=(0, 1, 2), backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32)),

@@ -118,7 +118,8 @@ class LoopTrainer:
         started, step, running = time.perf_counter(), 0, float("nan")
         bar = tqdm(total=total_steps, desc=stage, disable=not self.progress, leave=False, unit="step")
         while step < total_steps:
-            for batch in self.batches(shuffle=True, generator=generator):
+            for step_in_epoch, batch in enumerate(self.batches(shuffle=True, generator=generator)):
+                batch["step_in_epoch"] = step_in_epoch  # mini-batch index within the epoch (BERxiT alternates on it)
                 loss = loss_fn(batch)
                 if not torch.isfinite(loss):
                     bar.close()

@@ -26,8 +26,10 @@ class ExitRule(Protocol):
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         ...
 
-    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
-        """layer: 1..L-1; logits: (b, C) of the b running examples -> (exit mask (b,) bool, new state)."""
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
+               pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
+        """layer: 1..L-1; logits (b, C) and the head's pooled vector (b, d) of the b running examples
+        -> (exit mask (b,) bool, new state). Most rules read only the logits."""
         ...
 
 
@@ -40,42 +42,53 @@ class StatelessRule:
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         return {}
 
-    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
+               pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
         return self.should_exit(layer, logits), state
 
 
 class ExitHead(nn.Module):
     """pooler (dense d -> d + tanh; may be shared between heads) -> dropout -> linear d -> C.
 
-    It reads the layer's sequence summary (B, d), position 0 or the token mean: see `EncoderBackbone.summarize`."""
+    It reads the layer's sequence summary (B, d), position 0 or the token mean: see `EncoderBackbone.summarize`.
+    `signal` is an optional extra module the exit rule evaluates on the pooled vector (BERxiT's LTE); it is
+    held here only so that its cost is charged to every layer whose head is evaluated.
+    """
 
-    def __init__(self, pooler: nn.Module, hidden_size: int, num_labels: int, dropout: float, init_std: float):
+    def __init__(self, pooler: nn.Module, hidden_size: int, num_labels: int, dropout: float, init_std: float,
+                 signal: nn.Module | None = None):
         super().__init__()
         self.pooler = pooler
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=init_std)
         nn.init.zeros_(self.classifier.bias)
+        self.signal = signal
+
+    def pool(self, summary: torch.Tensor) -> torch.Tensor:
+        """summary (B, d) -> pooled (B, d), after dropout (active in training only)."""
+        return self.dropout(self.pooler(summary))
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
         """summary (B, d) -> logits (B, C)."""
-        return self.classifier(self.dropout(self.pooler(summary)))
+        return self.classifier(self.pool(summary))
 
     def macs(self) -> int:
-        """Multiply-accumulates of one evaluation for one example (pooler d^2 + classifier d*C, as in the
-        shared FLOPs convention; biases and tanh excluded)."""
+        """Multiply-accumulates of one evaluation for one example (pooler d^2 + classifier d*C [+ signal], as in
+        the shared FLOPs convention; biases and tanh excluded)."""
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
 
 
 class MultiExitModel(nn.Module):
     """A backbone with one exit head per layer; `heads[L-1]` is the model's final classifier."""
 
-    def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module]):
+    def __init__(self, backbone: nn.Module, heads: Sequence[ExitHead], extras: dict[str, nn.Module] | None = None):
         super().__init__()
         if len(heads) != backbone.num_layers:
             raise ValueError(f"need one head per layer ({backbone.num_layers}), got {len(heads)}")
         self.backbone = backbone
         self.heads = nn.ModuleList(heads)
+        self.extras = nn.ModuleDict(extras or {})  # a method's other modules, saved and moved with the model
         head_macs = torch.tensor([float(h.macs()) for h in heads], dtype=torch.float64)
         # cumulative_head_macs[i-1] = MACs of heads 1..i, what an example exiting at layer i paid in heads.
         self.register_buffer("cumulative_head_macs", head_macs.cumsum(0), persistent=False)
@@ -91,9 +104,9 @@ class MultiExitModel(nn.Module):
         """Logits (B, C) of the exit head after `layer` (1..L), from that layer's hidden states (B, S, d)."""
         return self.heads[layer - 1](self.backbone.summarize(hidden, attention_mask))
 
-    def all_exit_logits(self, batch: Batch, layers: Sequence[int] | None = None,
+    def layer_summaries(self, batch: Batch, layers: Sequence[int] | None = None,
                         backbone_grad: bool = True) -> list[torch.Tensor]:
-        """Logits (B, C) of the heads at `layers` (default: all 1..L), running every layer once (training).
+        """Sequence summaries (B, d) after `layers` (default: all 1..L), running every layer once (training).
 
         backbone_grad=False runs the backbone without autograd (its weights are frozen in that stage, so
         the gradients w.r.t. the heads are the same and the backward pass through the layers is saved)."""
@@ -105,8 +118,15 @@ class MultiExitModel(nn.Module):
             with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
                 hidden = self.backbone.layer(layer, hidden, bias)
             if layer in wanted:
-                outputs.append(self.head(layer, hidden, batch["attention_mask"]))
+                outputs.append(self.backbone.summarize(hidden, batch["attention_mask"]))
         return outputs
+
+    def all_exit_logits(self, batch: Batch, layers: Sequence[int] | None = None,
+                        backbone_grad: bool = True) -> list[torch.Tensor]:
+        """Logits (B, C) of the heads at `layers` (default: all 1..L); see `layer_summaries`."""
+        layers = list(range(1, self.num_layers + 1) if layers is None else layers)
+        summaries = self.layer_summaries(batch, layers, backbone_grad)
+        return [self.heads[layer - 1](summary) for layer, summary in zip(layers, summaries, strict=True)]
 
     def full(self, batch: Batch) -> ExitOutput:
         """The full model: all L layers and the final classifier only."""
@@ -133,13 +153,15 @@ class MultiExitModel(nn.Module):
         state = rule.start(size, device)
         for layer in range(1, last + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
-            logits = self.head(layer, hidden, mask)
+            head = self.heads[layer - 1]
+            pooled = head.pool(self.backbone.summarize(hidden, mask))
+            logits = head.classifier(pooled)
             if logits_out is None:
                 logits_out = logits.new_empty(size, logits.shape[-1])
             if layer == last:
                 logits_out[active] = logits
                 break
-            exit_now, state = rule.decide(layer, logits, state)
+            exit_now, state = rule.decide(layer, logits, state, pooled)
             if bool(exit_now.any()):  # the one host sync per layer that an exit decision needs
                 done = active[exit_now]
                 logits_out[done] = logits[exit_now]

@@ -34,7 +34,8 @@ class PatienceRule:
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         return {"counter": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
-    def decide(self, layer: int, logits: torch.Tensor, state: RuleState) -> tuple[torch.Tensor, RuleState]:
+    def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
+               pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
         current = logits[:, 0] if self.regression_threshold is not None else logits.argmax(-1)
         if "previous" not in state:  # layer 1 has nothing to agree with
             same = torch.zeros_like(state["counter"], dtype=torch.bool)

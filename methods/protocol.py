@@ -25,7 +25,8 @@ TaskKind = Literal["classification", "regression"]
 Knob = dict[str, float]
 """One operating point of a method, e.g. ``{"entropy_threshold": 0.3}``; ``None`` means the full model."""
 Batch = Mapping[str, torch.Tensor]
-"""A tokenised batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, S); ``labels`` (B,)."""
+"""A tokenised batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, S); ``labels`` (B,);
+in training also ``step_in_epoch`` (an int: the mini-batch index within the current epoch)."""
 
 
 @dataclass

@@ -22,8 +22,10 @@ from eebench.methods.protocol import ProtocolError, check_method_class
 ENTRY_POINT_GROUP = "eebench.methods"
 
 BUILTIN_METHODS: dict[str, str] = {
+    "berxit": "eebench.methods.berxit:BERxiT",
     "deebert": "eebench.methods.deebert:DeeBERT",
     "pabee": "eebench.methods.pabee:PABEE",
+    "pcee": "eebench.methods.pcee:PCEE",
 }
 
 

@@ -98,3 +98,14 @@ def test_unsupported_task_is_reported_not_run(tmp_path):
     summary = run_jobs([tiny_job("deebert", "stsb", data_dir=str(GLUE))], tmp_path / "out", tmp_path,
                        progress=False, log=lambda _: None)
     assert summary["unsupported"] and not summary["done"]
+
+
+def test_pcee_and_pabee_share_one_fine_tuned_network(tmp_path):
+    cache = tmp_path / "cache"
+    summary = run_jobs([tiny_job("pabee"), tiny_job("pcee")], tmp_path / "out", cache, progress=False, log=lambda _: None)
+    assert len(summary["done"]) == 2
+    assert len(list((cache / "checkpoints").glob("*.pt"))) == 1  # trained once
+    records = load_records(tmp_path / "out")
+    full = records[records.is_full_model & (records.batch_size == 1)].set_index("method")
+    assert full.loc["pabee", "checkpoint"] == full.loc["pcee", "checkpoint"]
+    assert full.loc["pabee", "metric"] == full.loc["pcee", "metric"]
