@@ -268,7 +268,8 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     wall-clock speed-up of each timing batch size as its own column (``wallclock_bs1``, ``wallclock_bs32``)."""
     keys = ["task", "method", "backbone", "seed", "knob_label"]
     first = records.drop_duplicates(keys).set_index(keys)
-    table = first[["metric_name", "metric", "mean_exit_layer", "saved_layer_speedup", "flops_speedup"]].copy()
+    columns = ["metric_name", "metric", "mean_exit_layer", "saved_layer_speedup", "flops_speedup"]
+    table = first[columns + (["train_seconds"] if "train_seconds" in first else [])].copy()
     wallclock = records.pivot_table(index=keys, columns="batch_size", values="wallclock_speedup", aggfunc="first")
     for batch_size in wallclock.columns:
         table[f"wallclock_bs{batch_size}"] = wallclock[batch_size]
@@ -280,11 +281,12 @@ def points_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``)."""
     wall = [c for c in table.columns if c.startswith("wallclock_bs")]
     headers = ["task", "method", "seed", "operating point", "metric", "mean exit layer", "saved-layer",
-               "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall]]
+               "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall], "fine-tuning (s)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|"]
     for row in table.to_dict("records"):
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
                  f"{row['metric_name']} {_pct(row['metric'], digits)}", f"{row['mean_exit_layer']:.2f}",
-                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall]]
+                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall],
+                 "—" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -53,9 +53,8 @@ class PCEE(PABEE):
     knob_names = ("patience", "threshold")
 
     def __init__(self, **overrides):
-        pabee_keys = {"max_patience", "regression_threshold"}
-        super().__init__(**{k: v for k, v in overrides.items() if k in pabee_keys})
-        self.pcee = PCEEConfig(**{k: v for k, v in overrides.items() if k not in pabee_keys})
+        super().__init__()  # PABEE's modules and training, with its default (training-irrelevant) settings
+        self.config = PCEEConfig(**overrides)
         self.num_labels = 2
 
     def attach(self, backbone, task):
@@ -64,9 +63,9 @@ class PCEE(PABEE):
 
     def knobs(self, task, num_layers: int) -> list[Knob]:
         # tau = 0 is never confident (strict <): the full model, the largest budget, comes first.
-        first = {"patience": max(self.pcee.patience_grid), "threshold": 0.0}
+        first = {"patience": max(self.config.patience_grid), "threshold": 0.0}
         return [first] + [{"patience": t, "threshold": tau}
-                          for t in self.pcee.patience_grid for tau in self.pcee.threshold_grid]
+                          for t in self.config.patience_grid for tau in self.config.threshold_grid]
 
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
