@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.methods.deebert import ENTROPY_GRID, entropy_rule
+from eebench.methods.deebert import ENTROPY_GRID, entropy_rule, two_stage_fit
 from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, exit_loss
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
@@ -135,18 +135,7 @@ class BERxiT:
         if self.config.routine != "two_stage":
             trainer.train(model.parameters(), self.routine_loss, stage=f"BERxiT {self.config.routine}")
             return
-        last, kind = model.num_layers, self.task_kind  # 2STG = DeeBERT's two stages
-
-        def final_loss(batch: Batch) -> torch.Tensor:
-            (logits,) = model.all_exit_logits(batch, layers=[last])
-            return exit_loss(logits, batch["labels"], kind)
-
-        def offramp_loss(batch: Batch) -> torch.Tensor:
-            logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=False)
-            return sum(exit_loss(z, batch["labels"], kind) for z in logits)
-
-        trainer.train([*model.backbone.parameters(), *model.heads[-1].parameters()], final_loss, stage="2STG stage 1")
-        trainer.train([p for h in model.heads[:-1] for p in h.parameters()], offramp_loss, stage="2STG stage 2")
+        two_stage_fit(model, trainer, self.task_kind)  # 2STG = DeeBERT's two stages
 
     # ---- exit rule ----------------------------------------------------------------------------------
     def knobs(self, task, num_layers: int) -> list[Knob]:

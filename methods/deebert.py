@@ -57,22 +57,7 @@ class DeeBERT:
         return self.model
 
     def fit(self, trainer: Trainer) -> None:
-        model, kind, last = self.model, self.task_kind, self.model.num_layers
-
-        def final_loss(batch: Batch) -> torch.Tensor:
-            (logits,) = model.all_exit_logits(batch, layers=[last])
-            return exit_loss(logits, batch["labels"], kind)
-
-        def offramp_loss(batch: Batch) -> torch.Tensor:
-            # Unweighted SUM over off-ramps 1..L-1 (spec pitfall 2); dropout stays on in the frozen backbone.
-            logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=False)
-            return sum(exit_loss(z, batch["labels"], kind) for z in logits)
-
-        stage1 = [*model.backbone.parameters(), *model.heads[-1].parameters()]
-        trainer.train(stage1, final_loss, stage="stage1: backbone + final classifier")
-        offramp_params = [p for head in model.heads[:-1] for p in head.parameters()]
-        # A fresh AdamW and linear schedule with the same epochs and lr as stage 1 (spec §3).
-        trainer.train(offramp_params, offramp_loss, stage="stage2: off-ramps, backbone frozen")
+        two_stage_fit(self.model, trainer, self.task_kind)
 
     def knobs(self, task, num_layers: int) -> list[Knob]:
         grid = list(self.config.entropy_grid)
@@ -89,3 +74,23 @@ class DeeBERT:
     def training_signature(self) -> dict:
         # The entropy grid is an exit-rule setting, not a training one.
         return {"recipe": "deebert-two-stage"}
+
+
+def two_stage_fit(model: MultiExitModel, trainer: Trainer, kind: str) -> None:
+    """DeeBERT's training (also BERxiT's 2STG routine): (1) backbone + final classifier on the final loss;
+    (2) off-ramps only, on the unweighted SUM of their losses (spec pitfall 2), over the frozen backbone
+    with its dropout still on; a fresh AdamW and schedule with the same epochs and lr per stage (spec section 3)."""
+    last = model.num_layers
+
+    def final_loss(batch: Batch) -> torch.Tensor:
+        (logits,) = model.all_exit_logits(batch, layers=[last])
+        return exit_loss(logits, batch["labels"], kind)
+
+    def offramp_loss(batch: Batch) -> torch.Tensor:
+        logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=False)
+        return sum(exit_loss(z, batch["labels"], kind) for z in logits)
+
+    trainer.train([*model.backbone.parameters(), *model.heads[-1].parameters()], final_loss,
+                  stage="stage1: backbone + final classifier")
+    trainer.train([p for head in model.heads[:-1] for p in head.parameters()], offramp_loss,
+                  stage="stage2: off-ramps, backbone frozen")
