@@ -33,3 +33,24 @@ def difficulty_table(results_dir: str | Path) -> pd.DataFrame:
     table = grouped.unstack("difficulty")
     table.columns = [f"{name}@{level}" for name, level in table.columns]
     return table.reset_index()
+
+
+def hardness_table(results_dir: str | Path) -> pd.DataFrame:
+    """How exit depth follows instance hardness, for every operating point of every job whose method stored a
+    per-example `memorized_layer` (ConsistentEE): Spearman rho between memorized layer and exit layer on dev
+    (scipy, ties averaged; NaN when either is constant), its p-value, and the mean of both."""
+    from scipy.stats import spearmanr
+
+    examples = load_examples(results_dir)
+    if "memorized_layer" not in examples or examples["memorized_layer"].isna().all():
+        raise ValueError(f"no job in {results_dir} stored a memorized layer per example: run a method that "
+                         "annotates it (consistentee) with `eebench run`")
+    examples = examples.dropna(subset=["memorized_layer"])
+    rows = []
+    for (task, method, seed, job, knob), group in examples.groupby(["task", "method", "seed", "job_id", "knob_label"]):
+        constant = group.exit_layer.nunique() < 2 or group.memorized_layer.nunique() < 2
+        rho, p_value = (float("nan"), float("nan")) if constant else spearmanr(group.memorized_layer, group.exit_layer)
+        rows.append({"task": task, "method": method, "seed": seed, "job_id": job, "knob_label": knob,
+                     "n": len(group), "spearman_rho": float(rho), "p_value": float(p_value),
+                     "mean_memorized_layer": group.memorized_layer.mean(), "mean_exit_layer": group.exit_layer.mean()})
+    return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""`eebench` command line: run, leaderboard, plot, methods, tasks, suites, glossary."""
+"""`eebench` command line: run, leaderboard, points, difficulty, hardness, plot, methods, tasks, suites, glossary."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
                        ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
                        ("difficulty", "mean exit layer and accuracy per difficulty level (graded task)"),
+                       ("hardness", "Spearman rho of memorized layer vs exit layer (ConsistentEE) + hardness figures"),
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
@@ -128,6 +129,16 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hardness(args: argparse.Namespace) -> int:
+    from eebench.analysis import hardness_table
+    from eebench.plots.hardness import write_hardness_figures
+    table = hardness_table(args.results).drop(columns=["job_id"])
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    for path in write_hardness_figures(args.results):
+        print(path)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
     paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -175,7 +186,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "plot": cmd_plot, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "plot": cmd_plot, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

@@ -29,7 +29,7 @@ from eebench.metrics import compute_metrics, predictions_from_logits
 from eebench.store import ResultsStore, atomic_write_text
 from eebench.tasks import get_task, load_split
 from eebench.timing import clock_for, interleaved_medians
-from eebench.training import Encoded, LoopTrainer, TrainConfig, batch_indices, collate, encode
+from eebench.training import Encoded, LoopTrainer, StageCache, TrainConfig, batch_indices, collate, encode
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,16 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def training_context(job: Job) -> dict:
+    """The job settings that determine fine-tuned weights, apart from the method's own training signature."""
+    return {"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed, "train": asdict(job.train),
+            "data_dir": job.data_dir, "train_limit": job.train_limit}
+
+
 def checkpoint_key(job: Job, signature: dict) -> str:
     """What determines fine-tuned weights: backbone, task data, seed, training settings and the method's
     training signature. Methods that train the same network (PABEE and PCEE) share one checkpoint."""
-    return _digest({"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed, "train": asdict(job.train),
-                    "data_dir": job.data_dir, "train_limit": job.train_limit, "signature": signature})
+    return _digest({**training_context(job), "signature": signature})
 
 
 def default_cache_dir() -> Path:
@@ -124,7 +129,8 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad
         model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
         meta = json.loads(meta_path.read_text())
         return {**meta, "checkpoint": key, "from_cache": True}
-    trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress)
+    stage_cache = StageCache(cache_dir / "checkpoints", training_context(job))
+    trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
     started = time.perf_counter()
     method.fit(trainer)
     meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages}
@@ -174,6 +180,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             outputs[_knob_label(knob)] = _predict_all(method, dev, knob, job.eval.batch_size, pad_id, device, num_layers)
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
         timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
+        annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
 
     env = environment(device)
     base = {"method": job.method, "task": job.task, "seed": job.seed, "backbone": job.backbone,
@@ -181,6 +188,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "metric_name": spec.primary_metric, "num_layers": num_layers, "device": device.type,
             "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
             "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],
+            "train_stages": training["stages"],
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
     records, example_rows = [], []
     for knob in points:
@@ -203,8 +211,23 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         example_rows.append(pd.DataFrame({
             "job_id": job.job_id, "knob_label": label, "example": np.arange(len(dev)),
             "exit_layer": out["exit_layer"], "prediction": predictions, "label": labels, "n_tokens": lengths,
-            "difficulty": [e.difficulty if e.difficulty is not None else -1 for e in dev_data.examples]}))
+            "difficulty": [e.difficulty if e.difficulty is not None else -1 for e in dev_data.examples],
+            **annotations}))
     return records, pd.concat(example_rows, ignore_index=True)
+
+
+def _annotate(method, data: Encoded, batch_size: int, pad_id: int, device) -> dict[str, np.ndarray]:
+    """The method's optional per-example analysis columns (`annotate`), in data order; {} when it has none."""
+    annotate = getattr(method, "annotate", None)
+    if not callable(annotate):
+        return {}
+    columns: dict[str, list[torch.Tensor]] = {}
+    for indices in batch_indices(len(data), batch_size):
+        for name, values in annotate(collate(data, indices, pad_id, device)).items():
+            if values.shape != (len(indices),):
+                raise ProtocolError(f"annotate() column '{name}' has shape {tuple(values.shape)}, expected ({len(indices)},)")
+            columns.setdefault(name, []).append(values.detach().cpu())
+    return {name: torch.cat(parts).numpy() for name, parts in columns.items()}
 
 
 def _time_points(method, dev: Encoded, points, eval_config: EvalConfig, pad_id: int, device, progress: bool) -> dict:

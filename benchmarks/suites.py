@@ -23,11 +23,16 @@ class Suite:
     eval_limit: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Training-time sweeps: method -> one config per training run (ConsistentEE's alpha). Each config is its
+    # own job; they share whatever stages the method caches (`Trainer.cached`) and draw one curve together.
+    method_configs: dict[str, tuple[dict, ...]] = field(default_factory=dict)
 
     def jobs(self, device: str = "cpu") -> list[Job]:
-        return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, train=self.train, eval=self.eval,
-                    data_dir=self.data_dir, train_limit=self.train_limit, eval_limit=self.eval_limit, device=device)
-                for t in self.tasks for m in self.methods for s in self.seeds]
+        return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, method_config=config,
+                    train=self.train, eval=self.eval, data_dir=self.data_dir, train_limit=self.train_limit,
+                    eval_limit=self.eval_limit, device=device)
+                for t in self.tasks for m in self.methods for config in self.method_configs.get(m, ({},))
+                for s in self.seeds]
 
     def launch_command(self) -> str:
         return f"eebench run --suite {self.name}"
@@ -37,6 +42,12 @@ class Suite:
 
 
 ALL_LAYERWISE = ("deebert", "pabee", "pcee", "berxit")
+# ConsistentEE's alpha is a per-layer reward cost: the released BERT-12 configs span 0.01-0.09 per layer over
+# 11 layers of possible saving; MiniLM has 5, so the same total-cost span needs roughly twice the alpha.
+CONSISTENTEE_ALPHAS = (0.02, 0.05, 0.1, 0.2)
+CONSISTENTEE_SWEEP = {"consistentee": tuple({"alpha": alpha} for alpha in CONSISTENTEE_ALPHAS)}
+_GLUE_MINILM = dict(data_dir="../shared/data/glue", train_limit=8000, train=TrainConfig(epochs=2, lr=5e-5, batch_size=32),
+                    eval=EvalConfig(timing_examples=128))
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
@@ -47,6 +58,18 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("layerwise-minilm", "All layer-wise methods, MiniLM-L6, SST-2 / MRPC / STS-B from ../shared/data/glue.",
           methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "stsb"), data_dir="../shared/data/glue", train_limit=8000,
           train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=128)),
+    Suite("consistentee-minilm", "ConsistentEE's alpha sweep beside DeeBERT and PABEE, MiniLM-L6, SST-2 and RTE.",
+          methods=("deebert", "pabee", "consistentee"), tasks=("sst2", "rte"), method_configs=CONSISTENTEE_SWEEP,
+          **_GLUE_MINILM),
+    Suite("consistentee-ablation", "ConsistentEE without hardness weighting (reward -CE - alpha*e), SST-2, MiniLM-L6.",
+          methods=("consistentee",), tasks=("sst2",), **_GLUE_MINILM,
+          method_configs={"consistentee": tuple({"alpha": a, "hardness_weighting": False} for a in (0.05, 0.1))}),
+    Suite("consistentee-graded", "ConsistentEE's alpha sweep on the embedded graded task (hardness per known level).",
+          methods=("deebert", "pabee", "consistentee"), tasks=("graded",), method_configs=CONSISTENTEE_SWEEP,
+          train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
+    Suite("consistentee-mcid", "ConsistentEE at one alpha on M-CID (16 intents) from ../shared/data/mcid, MiniLM-L6.",
+          methods=("consistentee",), tasks=("mcid",), method_configs={"consistentee": ({"alpha": 0.05},)},
+          **{**_GLUE_MINILM, "data_dir": "../shared/data/mcid"}),
     Suite("glue", "GLUE dev with any backbone (default bert-base-uncased from the hub), 3 seeds; GPU advised.",
           methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
           seeds=(0, 1, 2), backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32)),

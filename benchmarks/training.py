@@ -6,10 +6,13 @@ owns HOW: AdamW, linear decay, gradient clipping, seeded shuffling, progress and
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,10 +92,27 @@ class LoopTrainer:
     """The runner's implementation of `eebench.methods.Trainer`."""
 
     def __init__(self, model: nn.Module, data: Encoded, config: TrainConfig, seed: int, pad_id: int,
-                 device: torch.device | str, progress: bool = True):
+                 device: torch.device | str, progress: bool = True, stage_cache: StageCache | None = None):
         self.model, self.data, self.config, self.seed = model, data, config, seed
         self.pad_id, self.device, self.progress = pad_id, device, progress
-        self.stages: list[dict[str, float | str]] = []
+        self.stage_cache = stage_cache
+        self.stages: list[dict] = []
+
+    def cached(self, name: str, signature: dict, run: Callable[[], object]) -> bool:
+        """Run `run()` (training stages that change the model) once per (job settings, name, signature);
+        later calls, e.g. from another job of an alpha sweep, restore the model's weights instead.
+        Returns True when restored. The restored stages are listed in `stages` with their original cost."""
+        if self.stage_cache is None:
+            run()
+            return False
+        restored = self.stage_cache.load(self.model, name, signature, self.device)
+        if restored is not None:
+            self.stages.extend({**stage, "from_cache": True} for stage in restored)
+            return True
+        first = len(self.stages)
+        run()
+        self.stage_cache.save(self.model, name, signature, self.stages[first:])
+        return False
 
     def batches(self, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[dict]:
         if shuffle and generator is None:
@@ -116,11 +136,16 @@ class LoopTrainer:
         schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
         self.model.train()
         started, step, running = time.perf_counter(), 0, float("nan")
+        logged: dict[str, float] = {}
         bar = tqdm(total=total_steps, desc=stage, disable=not self.progress, leave=False, unit="step")
         while step < total_steps:
             for step_in_epoch, batch in enumerate(self.batches(shuffle=True, generator=generator)):
                 batch["step_in_epoch"] = step_in_epoch  # mini-batch index within the epoch (BERxiT alternates on it)
                 loss = loss_fn(batch)
+                if isinstance(loss, tuple):  # (loss, {name: float}): training statistics the method logs
+                    loss, stats = loss
+                    for key, value in stats.items():
+                        logged[key] = logged.get(key, 0.0) + float(value)
                 if not torch.isfinite(loss):
                     bar.close()
                     raise NonFiniteLossError(
@@ -142,5 +167,40 @@ class LoopTrainer:
         self.model.eval()
         record = {"stage": stage, "steps": total_steps, "epochs": epochs, "final_loss": running,
                   "seconds": time.perf_counter() - started}
+        record.update({f"mean_{key}": value / total_steps for key, value in logged.items()})
         self.stages.append(record)
         return record
+
+
+class StageCache:
+    """Weights after a named training stage, shared by the jobs that agree on everything before it.
+
+    `context` is what every job of the group shares (backbone, task data, seed, training settings); a stage's
+    `signature` is what else determines it. Files: DIR/stage-<key>.pt (whole model state) + .json (its stages,
+    written last, so a crash leaves no half-entry that looks complete)."""
+
+    def __init__(self, directory: Path, context: dict):
+        self.directory, self.context = Path(directory), context
+
+    def _path(self, name: str, signature: dict) -> Path:
+        from hashlib import sha256
+        key = sha256(json.dumps({"context": self.context, "stage": name, "signature": signature},
+                                sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.directory / f"stage-{key}.pt"
+
+    def load(self, model: nn.Module, name: str, signature: dict, device) -> list[dict] | None:
+        path = self._path(name, signature)
+        meta = path.with_suffix(".json")
+        if not (path.exists() and meta.exists()):
+            return None
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return json.loads(meta.read_text())
+
+    def save(self, model: nn.Module, name: str, signature: dict, stages: list[dict]) -> None:
+        from eebench.store import atomic_write_text
+        path = self._path(name, signature)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(stages))

@@ -47,6 +47,13 @@ class PatienceRule:
         return counter >= self.patience, {"counter": counter, "previous": current}
 
 
+def layer_weighted_loss(model: MultiExitModel, batch: Batch, kind: str) -> torch.Tensor:
+    """sum_j j * loss_j / sum_j j over every exit j = 1..L (also ConsistentEE's stage 1)."""
+    losses = torch.stack([exit_loss(z, batch["labels"], kind) for z in model.all_exit_logits(batch)])
+    weights = torch.arange(1, len(losses) + 1, dtype=losses.dtype, device=losses.device)
+    return (weights * losses).sum() / weights.sum()
+
+
 class PABEE:
     """Patience-based early exit: linear exits on a shared pooler, layer-index-weighted joint loss."""
 
@@ -71,13 +78,8 @@ class PABEE:
 
     def fit(self, trainer: Trainer) -> None:
         model, kind = self.model, self.task_kind
-        weights = torch.arange(1, model.num_layers + 1, dtype=torch.float32)
-
-        def weighted_joint_loss(batch: Batch) -> torch.Tensor:
-            losses = torch.stack([exit_loss(z, batch["labels"], kind) for z in model.all_exit_logits(batch)])
-            return (weights.to(losses.device) * losses).sum() / weights.sum()
-
-        trainer.train(model.parameters(), weighted_joint_loss, stage="joint: all exits, weights = layer index")
+        trainer.train(model.parameters(), lambda batch: layer_weighted_loss(model, batch, kind),
+                      stage="joint: all exits, weights = layer index")
 
     def knobs(self, task, num_layers: int) -> list[Knob]:
         # Patience t exits at layer t + 1 at the earliest, so t = L - 1 is the full model (largest budget).

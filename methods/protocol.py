@@ -26,7 +26,9 @@ Knob = dict[str, float]
 """One operating point of a method, e.g. ``{"entropy_threshold": 0.3}``; ``None`` means the full model."""
 Batch = Mapping[str, torch.Tensor]
 """A tokenised batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, S); ``labels`` (B,);
-in training also ``step_in_epoch`` (an int: the mini-batch index within the current epoch)."""
+in training also ``step_in_epoch`` (an int: the mini-batch index within the current epoch); ``index`` (B,)
+is each example's position in its split (a stable id for per-example training state)."""
+LossResult = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
 
 
 @dataclass
@@ -49,9 +51,17 @@ class ExitOutput:
 class Trainer(Protocol):
     """The optimisation plumbing the runner lends to `fit`: data, seeds, AdamW + linear decay, clipping."""
 
-    def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor], *,
+    def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[Batch], LossResult], *,
               stage: str, epochs: float | None = None, lr: float | None = None) -> dict[str, float]:
-        """One training stage: a fresh AdamW and linear schedule over `params`, minimising `loss_fn(batch)`."""
+        """One training stage: a fresh AdamW and linear schedule over `params`, minimising `loss_fn(batch)`.
+        `loss_fn` returns the scalar loss, or (loss, {name: float}) to log per-step statistics (their
+        means over the stage land in the returned record as ``mean_<name>``)."""
+        ...
+
+    def cached(self, name: str, signature: dict[str, Any], run: Callable[[], object]) -> bool:
+        """Run `run()` (stages that change the model) once; a later job with the same job settings and the
+        same (name, signature) restores the resulting weights instead. True when restored. This is how a
+        training-time sweep (ConsistentEE's alpha) shares its first stage."""
         ...
 
     def batches(self, shuffle: bool = False) -> Iterator[Batch]:
@@ -98,6 +108,9 @@ class EarlyExitMethod(Protocol):
         """Everything that determines the trained weights (not the exit rule). Two methods that return the
         same signature on the same job settings share one cached fine-tuned checkpoint."""
         ...
+
+    # Optional: ``annotate(batch) -> dict[str, Tensor]`` returns per-example (B,) analysis columns (e.g.
+    # ConsistentEE's memorized layer) that the runner stores beside each dev example's exit layer.
 
 
 PROTOCOL_ATTRIBUTES = ("name", "granularity", "task_kinds", "knob_names")

@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "eebench.methods"
 
 BUILTIN_METHODS: dict[str, str] = {
     "berxit": "eebench.methods.berxit:BERxiT",
+    "consistentee": "eebench.methods.consistentee:ConsistentEE",
     "deebert": "eebench.methods.deebert:DeeBERT",
     "pabee": "eebench.methods.pabee:PABEE",
     "pcee": "eebench.methods.pcee:PCEE",
