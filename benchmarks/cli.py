@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
+        if name == "leaderboard":
+            command.add_argument("--speedup", default="saved_layer_speedup",
+                                 choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
+            command.add_argument("--batch-size", type=int, default=1, help="timing batch size (wall-clock only)")
     sub.add_parser("methods", help="list registered methods (built-in and plugins)")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("suites", help="list suites and what they run")
@@ -107,7 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from eebench.leaderboard import to_markdown, write_leaderboard
-    board, path = write_leaderboard(args.results)
+    default = args.speedup == "saved_layer_speedup" and args.batch_size == 1
+    name = None if default else f"leaderboard_{args.speedup}" + (
+        f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else "") + ".md"
+    board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name)
     print(to_markdown(board))
     print(f"\nwritten to {path}")
     return 0

@@ -251,14 +251,15 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
 
 
 
-def write_leaderboard(results_dir: str | Path, digits: int = 2, **kwargs) -> tuple[pd.DataFrame, Path]:
-    """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md``.
+def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None,
+                      **kwargs) -> tuple[pd.DataFrame, Path]:
+    """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md`` (or `filename`).
 
     ``kwargs`` go to :func:`leaderboard` (speedup, tolerance, auc_range, batch_size); ``digits`` to
     :func:`to_markdown`. Returns the table and the path written.
     """
     board = leaderboard(load_records(results_dir), **kwargs)
-    path = Path(results_dir) / LEADERBOARD_FILE
+    path = Path(results_dir) / (filename or LEADERBOARD_FILE)
     atomic_write_text(path, to_markdown(board, digits=digits))
     return board, path
 

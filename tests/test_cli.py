@@ -85,6 +85,8 @@ def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
     assert "2 job(s) run" in printed and "| graded | " in printed  # the summary table
     assert main(["leaderboard", "--results", str(out)]) == 0
     assert (out / "leaderboard.md").read_text().count("| graded |") == 2
+    assert main(["leaderboard", "--results", str(out), "--speedup", "wallclock_speedup", "--batch-size", "32"]) == 0
+    assert "batch size 32" in (out / "leaderboard_wallclock_speedup_bs32.md").read_text()
     assert main(["points", "--results", str(out)]) == 0
     points = (out / "points.md").read_text()
     assert "wall-clock bs=1" in points and "wall-clock bs=32" in points and "patience=1" in points
