@@ -24,6 +24,7 @@ from eebench import costs
 from eebench.backbones import load_backbone
 from eebench.env import environment
 from eebench.methods import build_method, check_exit_output, get_method_class
+from eebench.methods.exits import MultiExitModel
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.metrics import compute_metrics, predictions_from_logits
 from eebench.store import ResultsStore, atomic_write_text
@@ -120,6 +121,36 @@ def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, devi
             "head_macs": torch.cat(head_macs).numpy()}
 
 
+def is_traceable(method, model) -> bool:
+    """Layer-wise methods that expose `exit_rule(knob)` on a `MultiExitModel` are evaluated from traces."""
+    return isinstance(model, MultiExitModel) and callable(getattr(method, "exit_rule", None))
+
+
+def _evaluate_points(method, model, data: Encoded, points: list, batch_size: int, pad_id: int, device,
+                     num_layers: int, progress: bool, desc: str) -> tuple[dict, str]:
+    """Per-example outputs of every operating point -> ({knob label: arrays}, "trace" | "online").
+
+    Traceable methods: ONE full pass per batch records every head, then each knob's rule is replayed on the
+    recording (`MultiExitModel.replay`), so a 20-point curve costs about one full-model evaluation. Others:
+    one `predict` pass per knob."""
+    if not is_traceable(method, model):
+        return {_knob_label(knob): _predict_all(method, data, knob, batch_size, pad_id, device, num_layers)
+                for knob in tqdm(points, desc=desc, disable=not progress, leave=False)}, "online"
+    parts: dict[str, dict[str, list]] = {_knob_label(k): {"logits": [], "exit_layer": [], "head_macs": []} for k in points}
+    for indices in tqdm(batch_indices(len(data), batch_size), desc=f"{desc} (one traced pass)", disable=not progress,
+                        leave=False):
+        trace = model.trace(collate(data, indices, pad_id, device))
+        for knob in points:
+            out = model.replay(trace, None if knob is None else method.exit_rule(knob))
+            check_exit_output(out, len(indices), num_layers)
+            part = parts[_knob_label(knob)]
+            part["logits"].append(out.logits.float().cpu())
+            part["exit_layer"].append(out.exit_layer.cpu())
+            part["head_macs"].append(out.head_macs.double().cpu())
+    return {label: {key: torch.cat(values).numpy() for key, values in part.items()}
+            for label, part in parts.items()}, "trace"
+
+
 def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad_id: int, cache_dir: Path,
                    progress: bool) -> dict:
     key = checkpoint_key(job, method.training_signature())
@@ -174,10 +205,11 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
                                        num_layers, info.hidden_size, info.intermediate_size)
     knobs = method.knobs(spec, num_layers)
     points: list[dict | None] = [None, *knobs]
-    outputs = {}
     with torch.inference_mode():
-        for knob in tqdm(points, desc=f"evaluate {job.method}/{job.task}", disable=not progress, leave=False):
-            outputs[_knob_label(knob)] = _predict_all(method, dev, knob, job.eval.batch_size, pad_id, device, num_layers)
+        started = time.perf_counter()
+        outputs, evaluation = _evaluate_points(method, model, dev, points, job.eval.batch_size, pad_id, device,
+                                               num_layers, progress, f"evaluate {job.method}/{job.task}")
+        eval_seconds = time.perf_counter() - started
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
         timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
         annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
@@ -188,7 +220,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "metric_name": spec.primary_metric, "num_layers": num_layers, "device": device.type,
             "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
             "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],
-            "train_stages": training["stages"],
+            "train_stages": training["stages"], "evaluation": evaluation, "eval_seconds": eval_seconds,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
     records, example_rows = [], []
     for knob in points:

@@ -143,12 +143,15 @@ class BERxiT:
             return [{"lte_threshold": tau} for tau in (0.0, *self.config.lte_grid)]
         return [{"entropy_threshold": s} for s in self.config.entropy_grid]
 
+    def exit_rule(self, knob: Knob):
+        if "lte_threshold" in knob:
+            return LTERule(self.model.extras["lte"], knob["lte_threshold"])
+        return entropy_rule(knob["entropy_threshold"])
+
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
             return self.model.full(batch)
-        if "lte_threshold" in knob:
-            return self.model.early_exit(batch, LTERule(self.model.extras["lte"], knob["lte_threshold"]))
-        return self.model.early_exit(batch, entropy_rule(knob["entropy_threshold"]))
+        return self.model.early_exit(batch, self.exit_rule(knob))
 
     def training_signature(self) -> dict:
         signature = {"recipe": f"berxit-{self.config.routine}"}

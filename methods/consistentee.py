@@ -260,10 +260,13 @@ class ConsistentEE:
         thresholds = sorted({1.0, *self.config.exit_thresholds}, reverse=True)
         return [{"alpha": self.config.alpha, "exit_threshold": t} for t in thresholds]
 
+    def exit_rule(self, knob: Knob) -> PolicyRule:
+        return PolicyRule(self.model.heads, knob["exit_threshold"])
+
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
             return self.model.full(batch)
-        return self.model.early_exit(batch, PolicyRule(self.model.heads, knob["exit_threshold"]))
+        return self.model.early_exit(batch, self.exit_rule(knob))
 
     @torch.no_grad()
     def annotate(self, batch: Batch) -> dict[str, torch.Tensor]:

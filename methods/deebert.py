@@ -66,10 +66,13 @@ class DeeBERT:
         grid += [round(0.8 + 0.1 * k, 2) for k in range(int((max_entropy - 0.8) / 0.1) + 1) if 0.8 + 0.1 * k < max_entropy]
         return [{"entropy_threshold": s} for s in sorted(set(grid))]
 
+    def exit_rule(self, knob: Knob) -> StatelessRule:
+        return entropy_rule(knob["entropy_threshold"])
+
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
             return self.model.full(batch)
-        return self.model.early_exit(batch, entropy_rule(knob["entropy_threshold"]))
+        return self.model.early_exit(batch, self.exit_rule(knob))
 
     def training_signature(self) -> dict:
         # The entropy grid is an exit-rule setting, not a training one.

@@ -8,6 +8,7 @@ costs what its examples cost, and no example's exit depends on the others in its
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -77,6 +78,17 @@ class ExitHead(nn.Module):
         """Multiply-accumulates of one evaluation for one example (pooler d^2 + classifier d*C [+ signal], as in
         the shared FLOPs convention; biases and tanh excluded)."""
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass
+class LayerTrace:
+    """Every exit head's output after every layer for one batch, from one full pass (eval mode).
+
+    logits: L tensors (B, C); pooled: L tensors (B, d), the heads' pooled vectors (what rules like BERxiT's
+    LTE or ConsistentEE's policy read). A rule whose decisions depend only on these replays exactly."""
+
+    logits: list[torch.Tensor]
+    pooled: list[torch.Tensor]
 
 
 class MultiExitModel(nn.Module):
@@ -172,6 +184,40 @@ class MultiExitModel(nn.Module):
                 hidden, bias, mask, active = hidden[keep], bias[keep], mask[keep], active[keep]
                 state = {key: value[keep] for key, value in state.items()}
         assert logits_out is not None
+        return ExitOutput(logits=logits_out, exit_layer=exit_layer,
+                          head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
+
+
+    def trace(self, batch: Batch) -> LayerTrace:
+        """One full pass recording every head (the whole curve's raw material; see `replay`)."""
+        hidden, bias = self._embed(batch)
+        logits, pooled = [], []
+        for layer in range(1, self.num_layers + 1):
+            hidden = self.backbone.layer(layer, hidden, bias)
+            head = self.heads[layer - 1]
+            pooled.append(head.pool(self.backbone.summarize(hidden, batch["attention_mask"])))
+            logits.append(head.classifier(pooled[-1]))
+        return LayerTrace(logits, pooled)
+
+    def replay(self, trace: LayerTrace, rule: ExitRule | None) -> ExitOutput:
+        """What `early_exit(batch, rule)` returns, computed from a trace without running any layer; rule None
+        gives `full(batch)`. Rules see every row at every layer (decisions are per example, so rows that
+        already exited do not change anyone else's) and the first exit of each row counts."""
+        last = self.num_layers
+        size, device = trace.logits[0].shape[0], trace.logits[0].device
+        exit_layer = torch.full((size,), last, dtype=torch.long, device=device)
+        if rule is None:
+            final_head = self.cumulative_head_macs[-1] - (self.cumulative_head_macs[-2] if last > 1 else 0)
+            return ExitOutput(logits=trace.logits[-1], exit_layer=exit_layer, head_macs=final_head.expand(size).clone())
+        logits_out = trace.logits[-1].clone()
+        done = torch.zeros(size, dtype=torch.bool, device=device)
+        state = rule.start(size, device)
+        for layer in range(1, last):
+            exit_now, state = rule.decide(layer, trace.logits[layer - 1], state, trace.pooled[layer - 1])
+            newly = exit_now & ~done
+            logits_out[newly] = trace.logits[layer - 1][newly]
+            exit_layer[newly] = layer
+            done |= exit_now
         return ExitOutput(logits=logits_out, exit_layer=exit_layer,
                           head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
 

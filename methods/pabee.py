@@ -86,11 +86,15 @@ class PABEE:
         largest = min(self.config.max_patience or num_layers - 1, num_layers - 1)
         return [{"patience": t} for t in range(largest, 0, -1)]
 
-    def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
-        if knob is None or knob["patience"] == 0:  # t = 0 is the full model in the released code
-            return self.model.full(batch)
+    def exit_rule(self, knob: Knob) -> PatienceRule | None:
+        if knob["patience"] == 0:  # t = 0 is the full model in the released code
+            return None
         threshold = self.config.regression_threshold if self.task_kind == "regression" else None
-        return self.model.early_exit(batch, PatienceRule(int(knob["patience"]), threshold))
+        return PatienceRule(int(knob["patience"]), threshold)
+
+    def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
+        rule = None if knob is None else self.exit_rule(knob)
+        return self.model.full(batch) if rule is None else self.model.early_exit(batch, rule)
 
     def training_signature(self) -> dict:
         return {"recipe": "pabee-joint-layer-weighted"}

@@ -67,10 +67,12 @@ class PCEE(PABEE):
         return [first] + [{"patience": t, "threshold": tau}
                           for t in self.config.patience_grid for tau in self.config.threshold_grid]
 
+    def exit_rule(self, knob: Knob) -> ConfidenceStreakRule:
+        return ConfidenceStreakRule(int(knob["patience"]), float(knob["threshold"]), self.num_labels)
+
     def predict(self, batch: Batch, knob: Knob | None) -> ExitOutput:
         if knob is None:
             return self.model.full(batch)
-        rule = ConfidenceStreakRule(int(knob["patience"]), float(knob["threshold"]), self.num_labels)
-        return self.model.early_exit(batch, rule)
+        return self.model.early_exit(batch, self.exit_rule(knob))
 
     # training_signature() is inherited on purpose: PCEE trains exactly PABEE's network.

@@ -109,6 +109,11 @@ class EarlyExitMethod(Protocol):
         same signature on the same job settings share one cached fine-tuned checkpoint."""
         ...
 
+    # Optional: ``exit_rule(knob) -> ExitRule | None`` (None = the full model), for layer-wise methods whose
+    # model is a `MultiExitModel` and whose exits depend only on per-layer head outputs. The runner then
+    # evaluates the whole knob grid from one traced full pass (`MultiExitModel.trace` / `replay`) instead of
+    # one pass per knob; `predict` stays the online path that wall-clock timing measures. Methods that
+    # cannot be traced (token-wise, generation) simply do not define it.
     # Optional: ``annotate(batch) -> dict[str, Tensor]`` returns per-example (B,) analysis columns (e.g.
     # ConsistentEE's memorized layer) that the runner stores beside each dev example's exit layer.
 

@@ -116,3 +116,26 @@ def test_mean_pooling_exits_do_not_depend_on_padding():
             alone = method.predict(collate(encoded, [i], pad, "cpu"), {"patience": 1})
             assert alone.exit_layer.item() == together.exit_layer[i].item()
             torch.testing.assert_close(alone.logits[0], together.logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_traced_curve_equals_online_predictions(trained):
+    """Traceable methods are evaluated from one recorded pass: every knob's replay must give the online
+    path's exits and answers, and replaying no rule must give the full model."""
+    from eebench.runner import is_traceable
+
+    method, spec, backbone, dev = trained
+    if not is_traceable(method, method.model if hasattr(method, "model") else None):
+        assert not callable(getattr(method, "exit_rule", None)), "exit_rule without a MultiExitModel cannot be traced"
+        return
+    model = method.model
+    batch = collate(dev, list(range(len(dev))), backbone.tokenizer.pad_token_id, "cpu")
+    with torch.inference_mode():
+        trace = model.trace(batch)
+        full, replayed_full = method.predict(batch, None), model.replay(trace, None)
+        torch.testing.assert_close(replayed_full.logits, full.logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(replayed_full.head_macs, full.head_macs)
+        for knob in method.knobs(spec, backbone.num_layers):
+            online, replayed = method.predict(batch, knob), model.replay(trace, method.exit_rule(knob))
+            assert replayed.exit_layer.tolist() == online.exit_layer.tolist(), knob
+            torch.testing.assert_close(replayed.logits, online.logits, rtol=1e-4, atol=1e-5)
+            assert torch.equal(replayed.head_macs, online.head_macs), knob
