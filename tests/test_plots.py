@@ -56,6 +56,16 @@ def test_one_line_per_method_seed_averaged_and_sorted():
     assert "sst2" in ax.get_title() and "minilm" in ax.get_title()
 
 
+def test_points_without_early_exit_collapse_into_one():
+    # A training-time sweep: each alpha job has a never-exit point (the full network again) at 1x.
+    rows = [*curve("sweep", 0, 0.90, [(1.0, 0.90), (2.0, 0.85)], job_id="a"),
+            *curve("sweep", 0, 0.88, [(1.0, 0.88), (3.0, 0.80)], job_id="b")]
+    for row in rows:
+        row["knob_label"] = f"{row['job_id']}:{row['knob_label']}"
+    lines = data_lines(tradeoff_figure(pd.DataFrame(rows), "sst2"))
+    assert lines == [([1.0, 2.0, 3.0], pytest.approx([89.0, 85.0, 80.0]))]
+
+
 def test_wallclock_figure_uses_requested_batch_size():
     rows = [
         *RECORDS,
