@@ -54,3 +54,34 @@ def hardness_table(results_dir: str | Path) -> pd.DataFrame:
                      "n": len(group), "spearman_rho": float(rho), "p_value": float(p_value),
                      "mean_memorized_layer": group.memorized_layer.mean(), "mean_exit_layer": group.exit_layer.mean()})
     return pd.DataFrame(rows)
+
+
+def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confidence: float = 0.95,
+                        seed: int = 0) -> pd.DataFrame:
+    """Percentile bootstrap over dev examples of every operating point's primary metric.
+
+    One row per (job_id, knob_label): `metric` (on all examples), `ci_low`, `ci_high` (0..1 scale like the
+    records). The same resampled example sets are used for every point of a job (paired), so two points of
+    one job can be compared; the generator is seeded (`seed`), so the intervals are reproducible."""
+    import numpy as np
+
+    from eebench.metrics import compute_metrics
+    from eebench.tasks import get_task
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    examples = load_examples(results_dir)
+    rows = []
+    for job_id, job in examples.groupby("job_id", sort=True):
+        spec = get_task(job.task.iloc[0])
+        size = int(job[job.knob_label == job.knob_label.iloc[0]].shape[0])
+        resamples = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
+        for knob, point in job.groupby("knob_label", sort=False):
+            point = point.sort_values("example")
+            predictions, labels = point.prediction.to_numpy(), point.label.to_numpy()
+            metric = compute_metrics(spec, predictions, labels)[spec.primary_metric]
+            draws = [compute_metrics(spec, predictions[i], labels[i])[spec.primary_metric] for i in resamples]
+            low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+            rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
+                         "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})
+    return pd.DataFrame(rows)

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
+        if name == "points":
+            command.add_argument("--ci", action="store_true",
+                                 help="add a 95%% bootstrap interval over dev examples (1000 resamples, seed 0)")
         if name == "leaderboard":
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -123,7 +126,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_points(args: argparse.Namespace) -> int:
     from eebench.leaderboard import load_records, points_markdown, points_table
     from eebench.store import atomic_write_text
-    text = points_markdown(points_table(load_records(args.results)))
+    table = points_table(load_records(args.results))
+    if args.ci:
+        from eebench.analysis import bootstrap_intervals
+        intervals = bootstrap_intervals(args.results)[["task", "method", "seed", "knob_label", "ci_low", "ci_high"]]
+        table = table.merge(intervals, on=["task", "method", "seed", "knob_label"], how="left")
+    text = points_markdown(table)
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)
     return 0

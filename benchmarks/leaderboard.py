@@ -283,10 +283,14 @@ def points_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     wall = [c for c in table.columns if c.startswith("wallclock_bs")]
     headers = ["task", "method", "seed", "operating point", "metric", "mean exit layer", "saved-layer",
                "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall], "fine-tuning (s)"]
+    with_ci = "ci_low" in table
+    if with_ci:
+        headers.insert(5, "95% CI")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|"]
     for row in table.to_dict("records"):
+        ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}"] if with_ci else []
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
-                 f"{row['metric_name']} {_pct(row['metric'], digits)}", f"{row['mean_exit_layer']:.2f}",
+                 f"{row['metric_name']} {_pct(row['metric'], digits)}", *ci, f"{row['mean_exit_layer']:.2f}",
                  _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall],
                  "—" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
