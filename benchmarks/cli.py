@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="results directory (default runs/<suite>)")
     run.add_argument("--train-limit", type=int, help="deterministic subsample of the training split")
     run.add_argument("--eval-limit", type=int, help="deterministic subsample of the dev split")
+    run.add_argument("--selection-examples", type=int,
+                     help="held-out train examples on which the leaderboard picks each method's operating point")
     run.add_argument("--epochs", type=float, help="override the suite's fine-tuning epochs")
     run.add_argument("--timing-examples", type=int, help="dev examples used for wall-clock timing")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
@@ -92,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds takes integers, got {seeds}") from error
     suite = suite.with_overrides(methods=tuple(methods) if methods else None, tasks=tuple(tasks) if tasks else None,
                                  seeds=seed_values, backbone=args.backbone, pooling=args.pooling, data_dir=args.data_dir,
-                                 train_limit=args.train_limit, eval_limit=args.eval_limit)
+                                 train_limit=args.train_limit, eval_limit=args.eval_limit,
+                                 selection_examples=args.selection_examples)
     if args.epochs is not None:
         suite = replace(suite, train=replace(suite.train, epochs=args.epochs))
     if args.timing_examples is not None:

@@ -32,7 +32,8 @@ SPEEDUPS = {
 # different backbones never share one Pareto frontier.
 ROW_KEYS = ["task", "method", "backbone"]
 SEED_KEYS = [*ROW_KEYS, "seed"]
-SCORE_COLUMNS = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc"]
+SCORE_COLUMNS = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc",
+                 "heldout_pick_speedup", "heldout_pick_metric"]
 # Speed-ups such as 12 / 8.000000001 should still count as 1.5x; metrics one ulp under the tolerance too.
 _EPS = 1e-9
 
@@ -122,6 +123,7 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
     s = np.concatenate([np.ones(len(full)), pts[speedup].to_numpy(float)])
     m = np.concatenate([full["metric"].to_numpy(float), pts["metric"].to_numpy(float)])
     within = s[m >= full_metric - tolerance - _EPS]
+    pick_speedup, pick_metric = _held_out_pick(full, pts, speedup, tolerance)
     return {
         "metric_name": group["metric_name"].iloc[0],
         "full_model_metric": full_metric,
@@ -129,7 +131,23 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
         "metric_at_2x": best_at(2.0),
         "best_speedup_within_1pt": float(within.max()) if len(within) else math.nan,
         "auc": frontier_auc(s, m, lo, hi),
+        "heldout_pick_speedup": pick_speedup,
+        "heldout_pick_metric": pick_metric,
     }
+
+
+def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, speedup: str, tolerance: float) -> tuple[float, float]:
+    """The operating point chosen WITHOUT looking at dev: the largest held-out saved-layer speed-up whose
+    held-out metric is within `tolerance` of the full model's held-out metric (the full model when none is).
+    Returns its dev (speed-up, metric); NaN when the job stored no selection set."""
+    if "selection_metric" not in pts or full.empty or pts["selection_metric"].isna().all():
+        return math.nan, math.nan
+    full_selection = float(full["selection_metric"].mean())
+    eligible = pts[pts["selection_metric"] >= full_selection - tolerance - _EPS]
+    if eligible.empty:
+        return 1.0, float(full["metric"].mean())
+    best = eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
+    return float(best[speedup]), float(best["metric"])
 
 
 def per_seed_scores(
@@ -183,6 +201,7 @@ def leaderboard(
     order = [
         *ROW_KEYS, "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
         "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
+        "heldout_pick_speedup", "heldout_pick_metric",
     ]  # fmt: skip
     board = board.reindex(columns=order)
     board = board.sort_values(["task", "auc", "method"], ascending=[True, False, True], na_position="last")
@@ -225,6 +244,9 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         "task", "method", "backbone", "metric", "seeds", "full model", "metric @1.5x", "metric @2x",
         f"speed-up @−{tol:g}pt", f"AUC {lo:g}–{hi:g}x",
     ]  # fmt: skip
+    held_out = "heldout_pick_speedup" in board and board["heldout_pick_speedup"].notna().any()
+    if held_out:
+        headers.append("held-out pick: speed-up / metric")
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|",
@@ -238,6 +260,8 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
             _speed(row["best_speedup_within_1pt"]),
             _pct(row["auc"], digits, row["auc_std"]),
         ]  # fmt: skip
+        if held_out:
+            cells.append(f"{_speed(row['heldout_pick_speedup'])} / {_pct(row['heldout_pick_metric'], digits)}")
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
         f"*Speed-up = {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}; metrics on dev x100, "
@@ -245,7 +269,10 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         "among early-exit points with speed-up ≥ 1.5x / 2x (— if none in some seed); "
         f"speed-up @−{tol:g}pt: largest speed-up whose metric is ≥ full model − {tol:g} pt (full model = 1.00x); "
         f"AUC {lo:g}–{hi:g}x: mean over speed-ups s in [{lo:g}, {hi:g}] of the best metric reached at ≥ s "
-        "(Pareto frontier, full model at 1.0x, 0 beyond the fastest point).*"
+        "(Pareto frontier, full model at 1.0x, 0 beyond the fastest point)."
+        + (f" held-out pick: the point chosen on the held-out selection set (largest held-out saved-layer "
+           f"speed-up within {tol:g} pt of the full model there), reported on dev." if held_out else "")
+        + "*"
     )
     return "\n".join(lines) + "\n\n" + legend + "\n"
 

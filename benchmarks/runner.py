@@ -28,7 +28,7 @@ from eebench.methods.exits import MultiExitModel
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.metrics import compute_metrics, predictions_from_logits
 from eebench.store import ResultsStore, atomic_write_text
-from eebench.tasks import get_task, load_split
+from eebench.tasks import get_task, load_split, train_and_selection
 from eebench.timing import clock_for, interleaved_medians
 from eebench.training import Encoded, LoopTrainer, StageCache, TrainConfig, batch_indices, collate, encode
 
@@ -59,9 +59,15 @@ class Job:
     train_limit: int | None = None
     eval_limit: int | None = None
     device: str = "cpu"
+    # Held-out examples from the train split on which operating points are CHOSEN (see
+    # `eebench.tasks.train_and_selection`); None = no selection set.
+    selection_examples: int | None = None
 
     def resolved(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        if settings["selection_examples"] is None:
+            del settings["selection_examples"]  # absent, not null: job ids from before the setting existed hold
+        return settings
 
     @property
     def job_id(self) -> str:
@@ -79,16 +85,20 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def training_context(job: Job) -> dict:
-    """The job settings that determine fine-tuned weights, apart from the method's own training signature."""
-    return {"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed, "train": asdict(job.train),
-            "data_dir": job.data_dir, "train_limit": job.train_limit}
+def training_context(job: Job, carved: bool = False) -> dict:
+    """The job settings that determine fine-tuned weights, apart from the method's own training signature.
+    `carved`: the selection set was taken out of the training examples, so training data differ."""
+    context = {"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed,
+               "train": asdict(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
+    if carved:
+        context["selection_carved_out"] = job.selection_examples
+    return context
 
 
-def checkpoint_key(job: Job, signature: dict) -> str:
+def checkpoint_key(job: Job, signature: dict, carved: bool = False) -> str:
     """What determines fine-tuned weights: backbone, task data, seed, training settings and the method's
     training signature. Methods that train the same network (PABEE and PCEE) share one checkpoint."""
-    return _digest({**training_context(job), "signature": signature})
+    return _digest({**training_context(job, carved), "signature": signature})
 
 
 def default_cache_dir() -> Path:
@@ -152,15 +162,15 @@ def _evaluate_points(method, model, data: Encoded, points: list, batch_size: int
 
 
 def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad_id: int, cache_dir: Path,
-                   progress: bool) -> dict:
-    key = checkpoint_key(job, method.training_signature())
+                   progress: bool, carved: bool = False) -> dict:
+    key = checkpoint_key(job, method.training_signature(), carved)
     path = cache_dir / "checkpoints" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
         meta = json.loads(meta_path.read_text())
         return {**meta, "checkpoint": key, "from_cache": True}
-    stage_cache = StageCache(cache_dir / "checkpoints", training_context(job))
+    stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
     trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
     started = time.perf_counter()
     method.fit(trainer)
@@ -180,7 +190,12 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
     spec = get_task(job.task)
     device = torch.device(job.device)
     torch.manual_seed(job.seed)
-    train_data = load_split(spec, "train", job.data_dir, job.train_limit, job.seed)
+    selection_data, carved = None, False
+    if job.selection_examples:
+        train_data, selection_data, carved = train_and_selection(spec, job.data_dir, job.train_limit,
+                                                                 job.selection_examples, job.seed)
+    else:
+        train_data = load_split(spec, "train", job.data_dir, job.train_limit, job.seed)
     dev_data = load_split(spec, "dev", job.data_dir, job.eval_limit, job.seed)
 
     backbone = load_backbone(job.backbone, seed=job.seed, pooling=job.pooling)
@@ -194,7 +209,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
     pad_id = tokenizer.pad_token_id
     train = encode(train_data.examples, tokenizer, job.train.max_seq_length, regression)
     dev = encode(dev_data.examples, tokenizer, job.train.max_seq_length, regression)
-    training = _train_or_load(job, method, model, train, pad_id, cache_dir, progress)
+    training = _train_or_load(job, method, model, train, pad_id, cache_dir, progress, carved)
     model.eval()
 
     num_layers = backbone.num_layers
@@ -213,6 +228,11 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
         timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
         annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
+        selection = {}
+        if selection_data is not None:  # the same knobs on the held-out selection set, for choosing points
+            held_out = encode(selection_data.examples, tokenizer, job.train.max_seq_length, regression)
+            selection, _ = _evaluate_points(method, model, held_out, points, job.eval.batch_size, pad_id, device,
+                                            num_layers, progress, f"select {job.method}/{job.task}")
 
     env = environment(device)
     base = {"method": job.method, "task": job.task, "seed": job.seed, "backbone": job.backbone,
@@ -221,6 +241,8 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
             "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],
             "train_stages": training["stages"], "evaluation": evaluation, "eval_seconds": eval_seconds,
+            "n_train_examples": len(train), "n_selection_examples": len(selection_data) if selection_data else 0,
+            "selection_carved_from_training": carved,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
     records, example_rows = [], []
     for knob in points:
@@ -235,6 +257,10 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
                  "mean_exit_layer": float(out["exit_layer"].mean()),
                  "saved_layer_speedup": costs.saved_layer_speedup(out["exit_layer"], num_layers),
                  "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
+        if selection:
+            held_out_predictions = predictions_from_logits(spec, selection[label]["logits"])
+            point["selection_metric"] = compute_metrics(spec, held_out_predictions, held_out.labels.numpy())[spec.primary_metric]
+            point["selection_saved_layer_speedup"] = costs.saved_layer_speedup(selection[label]["exit_layer"], num_layers)
         for batch_size, seconds in timings.items():
             records.append({**base, **point, "batch_size": batch_size,
                             "wallclock_speedup": seconds["full model"] / seconds[label],

@@ -26,11 +26,12 @@ class Suite:
     # Training-time sweeps: method -> one config per training run (ConsistentEE's alpha). Each config is its
     # own job; they share whatever stages the method caches (`Trainer.cached`) and draw one curve together.
     method_configs: dict[str, tuple[dict, ...]] = field(default_factory=dict)
+    selection_examples: int | None = None  # held-out train examples for choosing operating points
 
     def jobs(self, device: str = "cpu") -> list[Job]:
         return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, method_config=config,
                     train=self.train, eval=self.eval, data_dir=self.data_dir, train_limit=self.train_limit,
-                    eval_limit=self.eval_limit, device=device)
+                    eval_limit=self.eval_limit, device=device, selection_examples=self.selection_examples)
                 for t in self.tasks for m in self.methods for config in self.method_configs.get(m, ({},))
                 for s in self.seeds]
 

@@ -256,11 +256,45 @@ def _normalise_split(spec: TaskSpec, split: str) -> Split:
                     "(test sets are unlabelled and not used).")
 
 
+def _subsample_indices(size: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= size:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), limit))  # sorted: keep file order
+
+
 def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    if limit is None or limit >= len(examples):
-        return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))  # sorted: keep file order
-    return [examples[i] for i in keep]
+    return [examples[i] for i in _subsample_indices(len(examples), limit, seed)]
+
+
+def train_and_selection(spec: TaskSpec | str, data_dir: str | Path | None, train_limit: int | None,
+                        selection_examples: int, seed: int = 0) -> tuple[TaskData, TaskData, bool]:
+    """The training examples and a disjoint held-out SELECTION set from the train split, on which operating
+    points are chosen (so no reported dev number is tuned on dev).
+
+    The training examples are exactly ``load_split(spec, "train", data_dir, train_limit, seed)`` whenever the
+    split has ``selection_examples`` examples left over (e.g. SST-2 capped at 8,000 of 67k): the selection set
+    is then drawn from the rest. Otherwise (MRPC, RTE) the selection set is carved out of the split first and
+    training uses what remains, so training differs; the third value says so (True = carved)."""
+    whole = load_split(spec, "train", data_dir, None, seed)
+    size = len(whole.examples)
+    if not 0 < selection_examples < size:
+        raise TaskError(f"selection_examples must be in 1..{size - 1} for '{whole.spec.name}' (its train split has "
+                        f"{size} examples), got {selection_examples}")
+    train_ids = _subsample_indices(size, train_limit, seed)
+    rest = sorted(set(range(size)) - set(train_ids))
+    draw = random.Random(seed + 1)  # a different stream from the training subsample's
+    carved = len(rest) < selection_examples
+    if carved:
+        selection_ids = sorted(draw.sample(range(size), selection_examples))
+        taken = set(selection_ids)
+        remaining = [i for i in range(size) if i not in taken]
+        train_ids = [remaining[i] for i in _subsample_indices(len(remaining), train_limit, seed)]
+    else:
+        selection_ids = sorted(draw.sample(rest, selection_examples))
+    pick = whole.examples.__getitem__
+    return (TaskData(whole.spec, "train", [pick(i) for i in train_ids], whole.source),
+            TaskData(whole.spec, "train", [pick(i) for i in selection_ids], whole.source + " (held-out selection)"),
+            carved)
 
 
 def _load_graded(split: Split) -> tuple[list[Example], str]:

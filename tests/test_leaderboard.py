@@ -73,7 +73,9 @@ def test_leaderboard_averages_seeds(records):
     assert list(board.columns) == [
         "task", "method", "backbone", "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
         "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
+        "heldout_pick_speedup", "heldout_pick_metric",
     ]  # fmt: skip
+    assert board["heldout_pick_speedup"].isna().all()  # these records have no selection set
     assert list(board["method"]) == ["alpha", "beta"]  # AUC 0.532 > 0.380
     alpha, beta = board.iloc[0], board.iloc[1]
     assert alpha["seeds"] == 2 and alpha["metric_name"] == "accuracy"
@@ -197,3 +199,17 @@ def test_empty_store(tmp_path):
     (tmp_path / "records.jsonl").write_text("\n")
     board, path = write_leaderboard(tmp_path)
     assert board.empty and path.read_text().startswith("| task |")
+
+
+def test_held_out_pick_is_chosen_on_the_selection_set_not_on_dev():
+    rows = curve("alpha", 0, 0.90, [(1.5, 0.80), (2.0, 0.895)], selection_metric=0.0)
+    # held-out: the full model scores 0.90, point 1 (1.5x) 0.895 (within 1 pt), point 2 (2x) 0.85 (not).
+    for row, held_out in zip(rows, [(0.90, 1.0), (0.895, 1.5), (0.85, 2.0)], strict=True):
+        row["selection_metric"], row["selection_saved_layer_speedup"] = held_out
+    board = leaderboard(pd.DataFrame(rows))
+    pick = board.iloc[0]
+    # dev would pick 2x (0.895 within 1 pt of 0.90); the held-out set picks 1.5x, whose dev metric is 0.80.
+    assert (pick.heldout_pick_speedup, pick.heldout_pick_metric) == (1.5, 0.80)
+    assert pick.best_speedup_within_1pt == 2.0
+    assert "held-out pick" in to_markdown(board) and "| 1.50x / 80.00 |" in to_markdown(board)
+    assert "held-out pick" not in to_markdown(leaderboard(pd.DataFrame(curve("beta", 0, 0.9, [(1.5, 0.9)]))))

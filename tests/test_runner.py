@@ -110,3 +110,23 @@ def test_pcee_and_pabee_share_one_fine_tuned_network(tmp_path):
     full = records[records.is_full_model & (records.batch_size == 1)].set_index("method")
     assert full.loc["pabee", "checkpoint"] == full.loc["pcee", "checkpoint"]
     assert full.loc["pabee", "metric"] == full.loc["pcee", "metric"]
+
+
+def test_job_ids_of_stored_results_stay_stable():
+    """New Job settings must not re-key old jobs: results/quick holds these ids."""
+    from eebench.suites import get_suite
+
+    assert [job.job_id for job in get_suite("quick").jobs()] == ["32734c63393fbcca", "fc25e4f76a5037d8"]
+
+
+def test_selection_set_is_evaluated_and_picks_the_operating_point(tmp_path):
+    job = tiny_job("pabee", "sst2", data_dir=str(GLUE), train_limit=64, eval_limit=24, selection_examples=32)
+    run_jobs([job], tmp_path / "out", tmp_path / "cache", progress=False, log=lambda _: None)
+    records = load_records(tmp_path / "out")
+    assert (records.n_selection_examples == 32).all() and not records.selection_carved_from_training.any()
+    assert records.selection_metric.between(0, 1).all() and (records.selection_saved_layer_speedup >= 1).all()
+    board = leaderboard(records)
+    pick = board.iloc[0]
+    assert 1.0 <= pick.heldout_pick_speedup and 0 <= pick.heldout_pick_metric <= 1
+    points = records[records.batch_size == 1]
+    assert pick.heldout_pick_metric in set(points.metric)  # a dev metric of one stored point

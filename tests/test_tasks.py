@@ -325,3 +325,25 @@ def test_no_hub_source_for_consistentee_tasks(fake_hub):
         with pytest.raises(TaskError, match="--data-dir"):
             load_split(task, "dev")
     assert fake_hub == []
+
+
+def test_selection_set_is_held_out_and_keeps_the_training_subsample():
+    from eebench.tasks import train_and_selection
+
+    train, selection, carved = train_and_selection("sst2", GLUE, 200, 50, seed=0)
+    assert not carved and len(selection) == 50
+    assert [e.text_a for e in train.examples] == [e.text_a for e in load_split("sst2", "train", GLUE, 200, 0).examples]
+    texts = {e.text_a for e in train.examples}
+    assert not any(e.text_a in texts for e in selection.examples)
+
+
+def test_selection_set_is_carved_out_when_nothing_is_left_over():
+    from eebench.tasks import train_and_selection
+
+    whole = load_split("rte", "train", GLUE)
+    train, selection, carved = train_and_selection("rte", GLUE, None, 100, seed=0)
+    assert carved and len(train) + len(selection) == len(whole)
+    pairs = {(e.text_a, e.text_b) for e in train.examples}
+    assert sum((e.text_a, e.text_b) in pairs for e in selection.examples) <= 1  # RTE has a duplicate pair or two
+    with pytest.raises(TaskError, match="selection_examples"):
+        train_and_selection("rte", GLUE, None, len(whole), seed=0)
