@@ -143,6 +143,47 @@ class EncoderBackbone(nn.Module):
         # transformers 4.x layers return a tuple, 5.x a tensor.
         return out[0] if isinstance(out, tuple) else out
 
+    def layer_for_positions(self, index: int, hidden: torch.Tensor, bias: torch.Tensor,
+                            active: torch.Tensor) -> torch.Tensor:
+        """Run layer `index` (1..L) for the `active` positions only (token-level exit, HashEE style).
+
+        hidden (B, S, d); bias (B, 1, 1, S) the padding bias from `embed`; active (B, S) bool. Queries,
+        attention output and FFN are computed for the active positions only (gathered to (B, q_max, d), q_max =
+        the most active positions of any row); keys and values for ALL S positions from their current states,
+        so exited tokens stay visible. Returns (B, S, d): active positions updated, the others unchanged.
+        With every position active this equals `layer`; that the saving is real is what the FLOPs counter's
+        q < n charges (`eebench.costs`)."""
+        if self.layers is None:
+            raise BackboneError(f"token-level exit needs BERT-style layers; {self.model_type} shares layer groups "
+                                "and is not supported for it")
+        module = self.layers[index - 1]
+        attention = module.attention.self
+        size, length, width = hidden.shape
+        counts = active.sum(1)
+        q_max = int(counts.max()) if size else 0
+        if q_max == 0:
+            return hidden
+        # Active positions first, in their original order (a stable sort), then cut to q_max.
+        order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :q_max]
+        valid = torch.arange(q_max, device=hidden.device)[None, :] < counts[:, None]
+        gather_index = order[..., None].expand(-1, -1, width)
+        queries_in = hidden.gather(1, gather_index)
+
+        heads, head_size = attention.num_attention_heads, attention.attention_head_size
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, head_size)
+            return x.view(size, -1, heads, head_size).transpose(1, 2)
+
+        context = torch.nn.functional.scaled_dot_product_attention(
+            split(attention.query(queries_in)), split(attention.key(hidden)), split(attention.value(hidden)),
+            attn_mask=bias.to(hidden.dtype), dropout_p=attention.dropout.p if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(size, q_max, width)
+        attended = module.attention.output(context, queries_in)
+        updated = module.output(module.intermediate(attended), attended)
+        # Padding slots of the gather (rows with fewer active positions) write their old state back.
+        updated = torch.where(valid[..., None], updated, queries_in)
+        return hidden.scatter(1, gather_index, updated)
+
     def summarize(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, S, d), attention_mask (B, S) -> the vector (B, d) that exit heads pool."""
         if self.pooling == "cls":

@@ -92,3 +92,27 @@ def test_minilm_cls_state_is_nearly_constant_below_the_top_layer():
             cls = hidden[:, 0]
             spread.append((cls.std(0).mean() / cls.norm(dim=-1).mean()).item())
     assert max(spread[:5]) < 0.002 and spread[5] > 0.01, spread
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta"])
+def test_layer_on_a_subset_of_positions_equals_the_full_layer_there(name):
+    """Token-level exit machinery: with no token exited before, running layer i for a subset of positions
+    (keys/values from all) gives exactly the full layer's output at those positions, the rest unchanged."""
+    backbone = load_backbone(name, seed=0).eval()
+    ids = torch.randint(1000, 2000, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    with torch.no_grad():
+        hidden, bias = backbone.embed(ids, mask)
+        hidden = backbone.layer(1, hidden, bias)
+        full = backbone.layer(2, hidden, bias)
+        active = torch.rand(3, 9, generator=torch.Generator().manual_seed(1)) < 0.5
+        active[0] = False  # a row with nothing active
+        active[2] = True   # a row with everything active
+        active &= mask.bool()
+        partial = backbone.layer_for_positions(2, hidden, bias, active)
+        everything = backbone.layer_for_positions(2, hidden, bias, mask.bool())
+    torch.testing.assert_close(partial[active], full[active], rtol=1e-5, atol=1e-5)
+    assert torch.equal(partial[~active], hidden[~active])
+    real = mask.bool()
+    torch.testing.assert_close(everything[real], full[real], rtol=1e-5, atol=1e-5)
