@@ -50,6 +50,12 @@ def layerwise_token_counts(exit_layer: np.ndarray, n_tokens: np.ndarray, num_lay
     return np.where(executed, np.asarray(n_tokens, dtype=np.float64)[:, None], 0.0)
 
 
+def token_layer_counts(token_layers: np.ndarray, num_layers: int) -> np.ndarray:
+    """(N, S) layers per token (0 at padding) -> (N, L) tokens updated at each layer (the q of MACs(q, n))."""
+    layers = np.arange(1, num_layers + 1)[None, None, :]
+    return (np.asarray(token_layers)[:, :, None] >= layers).sum(axis=1).astype(np.float64)
+
+
 def example_flops(queries: np.ndarray, keys: np.ndarray, head_macs: np.ndarray, hidden: int, ffn: int) -> np.ndarray:
     """FLOPs per example: queries, keys (N, L) token counts per layer (0 = layer skipped); head_macs (N,)."""
     per_layer = np.where(np.asarray(queries) > 0, layer_macs(queries, keys, hidden, ffn), 0.0)

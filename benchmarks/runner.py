@@ -119,7 +119,7 @@ def _knob_label(knob: dict | None) -> str:
 
 def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, device, num_layers: int) -> dict:
     """Run `method.predict` over all of `data`; returns per-example numpy arrays in data order."""
-    logits, exits, head_macs = [], [], []
+    logits, exits, head_macs, queries = [], [], [], []
     for indices in batch_indices(len(data), batch_size):
         batch = collate(data, indices, pad_id, device)
         out = method.predict(batch, knob)
@@ -127,8 +127,15 @@ def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, devi
         logits.append(out.logits.float().cpu())
         exits.append(out.exit_layer.cpu())
         head_macs.append(out.head_macs.double().cpu())
-    return {"logits": torch.cat(logits).numpy(), "exit_layer": torch.cat(exits).numpy(),
-            "head_macs": torch.cat(head_macs).numpy()}
+        if out.token_layers is not None:  # token-wise: tokens updated per layer, (B, L); rows are ragged in S
+            queries.append(torch.from_numpy(costs.token_layer_counts(out.token_layers.cpu().numpy(), num_layers)))
+    result = {"logits": torch.cat(logits).numpy(), "exit_layer": torch.cat(exits).numpy(),
+              "head_macs": torch.cat(head_macs).numpy()}
+    if queries:
+        if len(queries) != len(logits):
+            raise ProtocolError("predict() returned token_layers for some batches and not others at one knob")
+        result["queries"] = torch.cat(queries).numpy()
+    return result
 
 
 def is_traceable(method, model) -> bool:
@@ -250,12 +257,20 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         out = outputs[label]
         predictions = predictions_from_logits(spec, out["logits"])
         metrics = compute_metrics(spec, predictions, labels)
-        flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
-                                      info.hidden_size, info.intermediate_size)
+        if "queries" in out:  # token-wise: q tokens updated per layer, all real tokens as keys (ExitOutput doc)
+            keys = costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
+            flops = costs.example_flops(out["queries"], keys, out["head_macs"], info.hidden_size, info.intermediate_size)
+            saved = float(num_layers * lengths.sum() / out["queries"].sum())
+        else:
+            flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
+                                          info.hidden_size, info.intermediate_size)
+            saved = costs.saved_layer_speedup(out["exit_layer"], num_layers)
         point = {"knob": knob or {}, "knob_label": label, "is_full_model": knob is None,
                  "metric": metrics[spec.primary_metric], "metrics": metrics,
                  "mean_exit_layer": float(out["exit_layer"].mean()),
-                 "saved_layer_speedup": costs.saved_layer_speedup(out["exit_layer"], num_layers),
+                 "mean_token_layer": float(out["queries"].sum() / lengths.sum()) if "queries" in out
+                 else float(out["exit_layer"].mean()),
+                 "saved_layer_speedup": saved,
                  "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
         if selection:
             held_out_predictions = predictions_from_logits(spec, selection[label]["logits"])
@@ -269,6 +284,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         example_rows.append(pd.DataFrame({
             "job_id": job.job_id, "knob_label": label, "example": np.arange(len(dev)),
             "exit_layer": out["exit_layer"], "prediction": predictions, "label": labels, "n_tokens": lengths,
+            "mean_token_layer": out["queries"].sum(1) / lengths if "queries" in out else out["exit_layer"].astype(float),
             "difficulty": [e.difficulty if e.difficulty is not None else -1 for e in dev_data.examples],
             **annotations}))
     return records, pd.concat(example_rows, ignore_index=True)

@@ -39,7 +39,9 @@ class ExitOutput:
     exit_layer:   (B,) int64 in 1..L, the number of transformer layers executed for the example
                   (for token-wise methods: the depth of the deepest token).
     head_macs:    (B,) float64, multiply-accumulates spent in exit heads / policy nets for the example.
-    token_layers: (B, S) int64 layers executed per token, token-wise methods only (0 at padding).
+    token_layers: (B, S) int64 layers that updated each token (its query, attention output and FFN), token-wise
+                  methods only (0 at padding). Cost convention: every real token of an example serves as a key/
+                  value in each of the example's `exit_layer` layers (HashEE: exited tokens stay visible).
     """
 
     logits: torch.Tensor

@@ -25,6 +25,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "berxit": "eebench.methods.berxit:BERxiT",
     "consistentee": "eebench.methods.consistentee:ConsistentEE",
     "deebert": "eebench.methods.deebert:DeeBERT",
+    "hashee": "eebench.methods.hashee:HashEE",
     "pabee": "eebench.methods.pabee:PABEE",
     "pcee": "eebench.methods.pcee:PCEE",
 }

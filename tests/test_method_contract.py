@@ -71,6 +71,13 @@ def test_every_knob_gives_batch_shaped_exits_within_depth(trained):
             assert ((out.exit_layer >= 1) & (out.exit_layer <= L)).all()
             assert (out.head_macs > 0).all(), "the head that produced the answer costs something"
             any_early |= bool((out.exit_layer < L).any())
+            if out.token_layers is not None:  # token-wise: per-token depths within the example's depth
+                mask = batch["attention_mask"].bool()
+                assert type(method).granularity == "token", "only token-wise methods report token_layers"
+                assert out.token_layers.shape == batch["input_ids"].shape
+                assert (out.token_layers[~mask] == 0).all() and (out.token_layers[mask] >= 1).all()
+                assert (out.token_layers.amax(1) == out.exit_layer).all()
+                any_early |= bool((out.token_layers[mask] < L).any())
     assert any_early, "no knob ever exits early: the exit rule is not wired"
 
 
