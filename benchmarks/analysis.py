@@ -35,6 +35,25 @@ def difficulty_table(results_dir: str | Path) -> pd.DataFrame:
     return table.reset_index()
 
 
+def training_table(results_dir: str | Path) -> pd.DataFrame:
+    """One row per training stage of every job: its cost (steps, seconds, from_cache) and the statistics the
+    method logged (`mean_*` columns, e.g. ConsistentEE's sampled vs greedy exit layer and mean reward)."""
+    records = load_records(results_dir).drop_duplicates("job_id")
+    if "train_stages" not in records:
+        raise ValueError(f"{results_dir} was written before training stages were recorded: rerun it")
+    rows = []
+    for record in records.itertuples():
+        config = record.method_config if isinstance(getattr(record, "method_config", None), dict) else {}
+        setting = ", ".join(f"{k}={v}" for k, v in config.items() if k in ("alpha", "hardness_weighting", "num_buckets"))
+        for stage in record.train_stages if isinstance(record.train_stages, list) else []:
+            rows.append({"task": record.task, "method": record.method, "seed": record.seed, "setting": setting,
+                         **{k: v for k, v in stage.items() if k != "final_loss"}})
+    table = pd.DataFrame(rows)
+    if "from_cache" in table:
+        table["from_cache"] = table["from_cache"].astype("boolean").fillna(False)
+    return table
+
+
 def hardness_table(results_dir: str | Path) -> pd.DataFrame:
     """How exit depth follows instance hardness, for every operating point of every job whose method stored a
     per-example `memorized_layer` (ConsistentEE): Spearman rho between memorized layer and exit layer on dev

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
                        ("difficulty", "mean exit layer and accuracy per difficulty level (graded task)"),
                        ("hardness", "Spearman rho of memorized layer vs exit layer (ConsistentEE) + hardness figures"),
+                       ("training", "every job's training stages: steps, seconds, cache hits, logged statistics"),
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
@@ -157,6 +158,12 @@ def cmd_hardness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_training(args: argparse.Namespace) -> int:
+    from eebench.analysis import training_table
+    print(training_table(args.results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
     paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -204,7 +211,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "plot": cmd_plot, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

@@ -230,6 +230,12 @@ def test_hardness_analysis_of_a_real_run(tmp_path):
     assert {p.name for p in paths} == {"graded_hardness.png", "graded_difficulty.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
     assert main(["hardness", "--results", str(out)]) == 0
+    from eebench.analysis import training_table
+    stages = training_table(out)
+    consistentee = stages[stages.method == "consistentee"]
+    assert len(consistentee) == 3 and consistentee.setting.eq("alpha=0.05, hardness_weighting=True").all()
+    assert consistentee.mean_greedy_exit_layer.notna().sum() == 2  # stages 2 and 3 log both exit layers
+    assert main(["training", "--results", str(out)]) == 0
 
 
 def test_hardness_analysis_says_which_runs_it_needs(tmp_path):
