@@ -199,6 +199,22 @@ class EncoderBackbone(nn.Module):
         return hidden
 
 
+def keep_positions(hidden: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop tokens for good (TR-BERT style): gather each row's kept positions, in order, to the front.
+
+    hidden (B, S, d), attention_mask / keep (B, S), positions (B, S) each slot's original position.
+    Returns (hidden (B, k, d), mask (B, k), positions (B, k)) with k = the most tokens any row keeps; slots
+    past a row's own count are padding (mask 0). Rebuild the bias with `attention_bias(mask, dtype)`."""
+    keep = keep & attention_mask.bool()
+    counts = keep.sum(1)
+    width = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    mask = (torch.arange(width, device=hidden.device)[None, :] < counts[:, None]).to(attention_mask.dtype)
+    gathered = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    return gathered, mask, positions.gather(1, order)
+
+
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, S) 1/0 mask -> additive (B, 1, 1, S) bias: 0 where attended, dtype-min at padding."""
     bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min

@@ -119,7 +119,7 @@ def _knob_label(knob: dict | None) -> str:
 
 def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, device, num_layers: int) -> dict:
     """Run `method.predict` over all of `data`; returns per-example numpy arrays in data order."""
-    logits, exits, head_macs, queries = [], [], [], []
+    logits, exits, head_macs, queries, keys = [], [], [], [], []
     for indices in batch_indices(len(data), batch_size):
         batch = collate(data, indices, pad_id, device)
         out = method.predict(batch, knob)
@@ -129,12 +129,16 @@ def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, devi
         head_macs.append(out.head_macs.double().cpu())
         if out.token_layers is not None:  # token-wise: tokens updated per layer, (B, L); rows are ragged in S
             queries.append(torch.from_numpy(costs.token_layer_counts(out.token_layers.cpu().numpy(), num_layers)))
+            if out.key_layers is not None:
+                keys.append(torch.from_numpy(costs.token_layer_counts(out.key_layers.cpu().numpy(), num_layers)))
     result = {"logits": torch.cat(logits).numpy(), "exit_layer": torch.cat(exits).numpy(),
               "head_macs": torch.cat(head_macs).numpy()}
     if queries:
         if len(queries) != len(logits):
             raise ProtocolError("predict() returned token_layers for some batches and not others at one knob")
         result["queries"] = torch.cat(queries).numpy()
+        if keys:
+            result["keys"] = torch.cat(keys).numpy()
     return result
 
 
@@ -258,7 +262,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         predictions = predictions_from_logits(spec, out["logits"])
         metrics = compute_metrics(spec, predictions, labels)
         if "queries" in out:  # token-wise: q tokens updated per layer, all real tokens as keys (ExitOutput doc)
-            keys = costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
+            keys = out["keys"] if "keys" in out else costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
             flops = costs.example_flops(out["queries"], keys, out["head_macs"], info.hidden_size, info.intermediate_size)
             saved = float(num_layers * lengths.sum() / out["queries"].sum())
         else:

@@ -48,6 +48,9 @@ class ExitOutput:
     exit_layer: torch.Tensor
     head_macs: torch.Tensor
     token_layers: torch.Tensor | None = None
+    key_layers: torch.Tensor | None = None
+    """(B, S) layers in which each token served as a key/value, when that differs from the convention above
+    (TR-BERT: a dropped token leaves attention entirely, so key_layers = token_layers)."""
 
 
 class Trainer(Protocol):

@@ -28,6 +28,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "hashee": "eebench.methods.hashee:HashEE",
     "pabee": "eebench.methods.pabee:PABEE",
     "pcee": "eebench.methods.pcee:PCEE",
+    "trbert": "eebench.methods.trbert:TRBERT",
 }
 
 
