@@ -133,8 +133,11 @@ def cmd_points(args: argparse.Namespace) -> int:
     table = points_table(load_records(args.results))
     if args.ci:
         from eebench.analysis import bootstrap_intervals
-        intervals = bootstrap_intervals(args.results)[["task", "method", "seed", "knob_label", "ci_low", "ci_high"]]
-        table = table.merge(intervals, on=["task", "method", "seed", "knob_label"], how="left")
+        intervals = bootstrap_intervals(args.results)[["job_id", "knob_label", "ci_low", "ci_high"]]
+        intervals["knob_label"] = intervals["knob_label"].where(intervals["knob_label"] != "full model", None)
+        table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
+        table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
+        table = table.drop(columns="_knob")
     text = points_markdown(table)
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)

@@ -294,7 +294,8 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
 def points_table(records: pd.DataFrame) -> pd.DataFrame:
     """Every operating point with all its costs side by side: one row per (task, method, seed, knob), the
     wall-clock speed-up of each timing batch size as its own column (``wallclock_bs1``, ``wallclock_bs32``)."""
-    keys = ["task", "method", "backbone", "seed", "knob_label"]
+    records = _label_sweep_full_models(records)
+    keys = ["task", "method", "backbone", "seed", "job_id", "knob_label"]
     first = records.drop_duplicates(keys).set_index(keys)
     columns = ["metric_name", "metric", "mean_exit_layer", "saved_layer_speedup", "flops_speedup"]
     table = first[columns + (["train_seconds"] if "train_seconds" in first else [])].copy()
@@ -303,6 +304,24 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
         table[f"wallclock_bs{batch_size}"] = wallclock[batch_size]
     table = table.reset_index().sort_values(["task", "method", "seed", "saved_layer_speedup"], kind="stable")
     return table.reset_index(drop=True)
+
+
+def _label_sweep_full_models(records: pd.DataFrame) -> pd.DataFrame:
+    """When one method ran several jobs on a task and seed (a training-time sweep), each job's full-model row
+    is a different network: label it with the settings that differ, e.g. "full model (alpha=0.1)"."""
+    if "method_config" not in records:
+        return records
+    records = records.copy()
+    for _, group in records.groupby(["task", "method", "backbone", "seed"]):
+        configs = group.drop_duplicates("job_id").set_index("job_id")["method_config"]
+        if len(configs) < 2 or not all(isinstance(c, dict) for c in configs):
+            continue
+        varying = sorted({k for c in configs for k in c if len({repr(other.get(k)) for other in configs}) > 1})
+        for job_id, config in configs.items():
+            rows = group.index[(group["job_id"] == job_id) & group["is_full_model"]]
+            label = ", ".join(f"{k}={config.get(k)}" for k in varying)
+            records.loc[rows, "knob_label"] = f"full model ({label})"
+    return records
 
 
 def points_markdown(table: pd.DataFrame, digits: int = 2) -> str:

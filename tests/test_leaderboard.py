@@ -16,6 +16,7 @@ from eebench.leaderboard import (
     load_records,
     operating_points,
     per_seed_scores,
+    points_table,
     to_markdown,
     write_leaderboard,
 )
@@ -213,3 +214,13 @@ def test_held_out_pick_is_chosen_on_the_selection_set_not_on_dev():
     assert pick.best_speedup_within_1pt == 2.0
     assert "held-out pick" in to_markdown(board) and "| 1.50x / 80.00 |" in to_markdown(board)
     assert "held-out pick" not in to_markdown(leaderboard(pd.DataFrame(curve("beta", 0, 0.9, [(1.5, 0.9)]))))
+
+
+def test_points_table_keeps_each_sweep_jobs_full_model_apart():
+    rows = [*curve("sweep", 0, 0.90, [(1.5, 0.89)], job_id="a", method_config={"alpha": 0.1, "k": 8}),
+            *curve("sweep", 0, 0.80, [(2.0, 0.70)], job_id="b", method_config={"alpha": 0.2, "k": 8})]
+    for row in rows:
+        row["knob_label"] = f"{row['job_id']}:{row['knob_label']}" if not row["is_full_model"] else row["knob_label"]
+    table = points_table(pd.DataFrame(rows)).set_index("knob_label")
+    assert table.loc["full model (alpha=0.1)", "metric"] == 0.90 and table.loc["full model (alpha=0.2)", "metric"] == 0.80
+    assert len(table) == 4
