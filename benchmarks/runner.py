@@ -236,6 +236,10 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         outputs, evaluation = _evaluate_points(method, model, dev, points, job.eval.batch_size, pad_id, device,
                                                num_layers, progress, f"evaluate {job.method}/{job.task}")
         eval_seconds = time.perf_counter() - started
+        # What one full-model pass over the same dev set costs, so the curve's evaluation cost is a ratio.
+        started = time.perf_counter()
+        _predict_all(method, dev, None, job.eval.batch_size, pad_id, device, num_layers)
+        full_eval_seconds = time.perf_counter() - started
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
         timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
         annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
@@ -252,6 +256,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "n_examples": len(dev), "job_id": job.job_id, "config": job.resolved(), "environment": env,
             "train_seconds": training["train_seconds"], "checkpoint": training["checkpoint"],
             "train_stages": training["stages"], "evaluation": evaluation, "eval_seconds": eval_seconds,
+            "curve_cost_ratio": eval_seconds / full_eval_seconds, "n_points": len(points),
             "n_train_examples": len(train), "n_selection_examples": len(selection_data) if selection_data else 0,
             "selection_carved_from_training": carved,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}

@@ -39,6 +39,7 @@ def test_records_have_the_documented_fields(sst2_run):
         assert record["batch_size"] in (1, 4)
         assert {"git_commit", "torch", "transformers", "device_name", "torch_threads", "dtype"} <= set(record["environment"])
         assert record["evaluation"] == "trace" and record["eval_seconds"] > 0  # layer-wise: one recorded pass
+        assert record["curve_cost_ratio"] > 0 and record["n_points"] >= 2
     # one full-model row per job and batch size, knobs as objects
     full = [r for r in records if r["is_full_model"]]
     assert len(full) == 4 and all(r["knob"] == {} and r["saved_layer_speedup"] == 1.0 for r in full)
