@@ -20,8 +20,10 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # Only code counts: results/ and README changes do not make the measured code "dirty".
+        code = ["benchmarks", "methods", "plots", "pyproject.toml"]
+        dirty = subprocess.run(["git", "-C", str(source.parent), "status", "--porcelain", "--untracked-files=no",
+                                "--", *code], capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
