@@ -90,6 +90,7 @@ def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
     assert main(["points", "--results", str(out)]) == 0
     points = (out / "points.md").read_text()
     assert "wall-clock bs=1" in points and "wall-clock bs=32" in points and "patience=1" in points
+    assert "realization bs=1" in points
     assert main(["points", "--results", str(out), "--ci"]) == 0
     assert "95% CI" in (out / "points.md").read_text()
     assert main(["difficulty", "--results", str(out)]) == 0

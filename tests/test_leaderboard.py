@@ -224,3 +224,12 @@ def test_points_table_keeps_each_sweep_jobs_full_model_apart():
     table = points_table(pd.DataFrame(rows)).set_index("knob_label")
     assert table.loc["full model (alpha=0.1)", "metric"] == 0.90 and table.loc["full model (alpha=0.2)", "metric"] == 0.80
     assert len(table) == 4
+
+
+def test_points_table_reports_realization_per_batch_size():
+    rows = [make_record(is_full_model=True), make_record(speedup=1.5, wallclock_speedup=1.2),
+            make_record(speedup=1.5, wallclock_speedup=1.35, batch_size=32),
+            make_record(is_full_model=True, batch_size=32)]
+    table = points_table(pd.DataFrame(rows)).set_index("knob_label")
+    assert table.loc["t=0.1", "realization_bs1"] == pytest.approx(0.8)
+    assert table.loc["t=0.1", "realization_bs32"] == pytest.approx(0.9)
