@@ -195,7 +195,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_suites(args: argparse.Namespace) -> int:
     from eebench.suites import SUITES
-    rows = [(s.name, ",".join(s.methods), ",".join(s.tasks), ",".join(map(str, s.seeds)), s.backbone,
+    def methods(suite) -> str:  # a training-time sweep shows how many trainings it makes: consistentee x4
+        return ",".join(m + (f" x{len(suite.method_configs[m])}" if len(suite.method_configs.get(m, ())) > 1 else "")
+                        for m in suite.methods)
+
+    rows = [(s.name, methods(s), ",".join(s.tasks), ",".join(map(str, s.seeds)), s.backbone,
              s.launch_command()) for s in SUITES.values()]
     _print_table(("suite", "methods", "tasks", "seeds", "backbone", "command"), rows)
     return 0

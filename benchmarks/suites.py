@@ -77,8 +77,10 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           method_configs={"hashee": tuple({"num_buckets": b} for b in (6, 3, 2)),
                           "trbert": tuple({"alpha": a, "num_rollouts": 4} for a in (0.5, 1.0, 2.0, 4.0))}),
     Suite("glue", "GLUE dev with any backbone (default bert-base-uncased from the hub), 3 seeds; GPU advised.",
-          methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
-          seeds=(0, 1, 2), backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32)),
+          methods=(*ALL_LAYERWISE, "consistentee"), tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
+          seeds=(0, 1, 2), backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32),
+          # the released BERT-12 reward variants span alpha 0.01-0.09 per layer
+          method_configs={"consistentee": tuple({"alpha": a} for a in (0.01, 0.02, 0.04, 0.08))}),
 ]}
 
 
