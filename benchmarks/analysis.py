@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from eebench.leaderboard import load_records
@@ -75,22 +76,17 @@ def hardness_table(results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confidence: float = 0.95,
-                        seed: int = 0) -> pd.DataFrame:
-    """Percentile bootstrap over dev examples of every operating point's primary metric.
-
-    One row per (job_id, knob_label): `metric` (on all examples), `ci_low`, `ci_high` (0..1 scale like the
-    records). The same resampled example sets are used for every point of a job (paired), so two points of
-    one job can be compared; the generator is seeded (`seed`), so the intervals are reproducible."""
-    import numpy as np
-
+def bootstrap_draws(results_dir: str | Path, n_resamples: int = 1000,
+                    seed: int = 0) -> dict[tuple[str, str], np.ndarray]:
+    """Percentile-bootstrap raw material: {(job_id, knob_label): (n_resamples,) primary metric on resampled dev
+    examples}. Resample r draws the same example indices for every point of every job with the same number of
+    dev examples (one seeded generator per job, same seed), so draws are paired across points, jobs and seeds
+    of a task: a seed mean or a max over points computed per r is a valid bootstrap of that statistic."""
     from eebench.metrics import compute_metrics
     from eebench.tasks import get_task
 
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     examples = load_examples(results_dir)
-    rows = []
+    draws: dict[tuple[str, str], np.ndarray] = {}
     for job_id, job in examples.groupby("job_id", sort=True):
         spec = get_task(job.task.iloc[0])
         size = int(job[job.knob_label == job.knob_label.iloc[0]].shape[0])
@@ -98,9 +94,33 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
         for knob, point in job.groupby("knob_label", sort=False):
             point = point.sort_values("example")
             predictions, labels = point.prediction.to_numpy(), point.label.to_numpy()
-            metric = compute_metrics(spec, predictions, labels)[spec.primary_metric]
-            draws = [compute_metrics(spec, predictions[i], labels[i])[spec.primary_metric] for i in resamples]
-            low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
-            rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
-                         "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})
+            if spec.primary_metric == "accuracy":  # the same numbers as compute_metrics, vectorised
+                draws[(job_id, knob)] = (predictions == labels)[resamples].mean(1)
+            else:
+                draws[(job_id, knob)] = np.array([compute_metrics(spec, predictions[i], labels[i])[spec.primary_metric]
+                                                  for i in resamples])
+    return draws
+
+
+def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confidence: float = 0.95,
+                        seed: int = 0) -> pd.DataFrame:
+    """Percentile bootstrap over dev examples of every operating point's primary metric.
+
+    One row per (job_id, knob_label): `metric` (on all examples), `ci_low`, `ci_high` (0..1 scale like the
+    records). Draws are paired (see `bootstrap_draws`), so two points of one job can be compared; the
+    generator is seeded (`seed`), so the intervals are reproducible."""
+    from eebench.metrics import compute_metrics
+    from eebench.tasks import get_task
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    draws = bootstrap_draws(results_dir, n_resamples, seed)
+    examples = load_examples(results_dir)
+    rows = []
+    for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
+        spec = get_task(point.task.iloc[0])
+        metric = compute_metrics(spec, point.prediction.to_numpy(), point.label.to_numpy())[spec.primary_metric]
+        low, high = np.quantile(draws[(job_id, knob)], [(1 - confidence) / 2, (1 + confidence) / 2])
+        rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
+                     "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})
     return pd.DataFrame(rows)

@@ -186,10 +186,22 @@ class EncoderBackbone(nn.Module):
 
     def summarize(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, S, d), attention_mask (B, S) -> the vector (B, d) that exit heads pool."""
+        return self.summarize_weighted(hidden, self.summary_weights(attention_mask, hidden.dtype))
+
+    def summary_weights(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Per-token weights (B, S, 1) of the mean over real tokens (None for "cls" pooling). Early exit
+        computes them once per batch instead of once per layer: mean pooling's 7 small ops per layer were a
+        visible part of the batch-size-1 per-layer overhead."""
         if self.pooling == "cls":
+            return None
+        weights = attention_mask.to(dtype).unsqueeze(-1)
+        return weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+    def summarize_weighted(self, hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """`summarize` with weights from `summary_weights` (same numbers: every path uses this one)."""
+        if weights is None:
             return hidden[:, 0]
-        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return (hidden * weights).sum(1)
 
     def forward_all(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """All L layers; returns the last hidden states (B, S, d). Used by plain full-model training."""

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
-        if name == "points":
+        if name in ("points", "leaderboard"):
             command.add_argument("--ci", action="store_true",
                                  help="add a 95%% bootstrap interval over dev examples (1000 resamples, seed 0)")
         if name == "leaderboard":
@@ -121,7 +121,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     default = args.speedup == "saved_layer_speedup" and args.batch_size == 1
     name = None if default else f"leaderboard_{args.speedup}" + (
         f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else "") + ".md"
-    board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name)
+    board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name,
+                                    ci=args.ci)
     print(to_markdown(board))
     print(f"\nwritten to {path}")
     return 0

@@ -177,6 +177,7 @@ def leaderboard(
     tolerance: float = 0.01,
     auc_range: tuple[float, float] = (1.0, 3.0),
     batch_size: int = 1,
+    draws: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per (task, method, backbone), sorted by task then AUC (descending).
 
@@ -186,6 +187,8 @@ def leaderboard(
     >= full_model_metric - tolerance; ``auc`` = :func:`frontier_auc` over ``auc_range`` (full model = 1.0).
     A seed-averaged score is NaN when any seed lacks it, so a mean never hides seeds that miss a target.
     ``*_std`` are sample std over seeds (NaN for one seed). ``batch_size`` only matters for wall-clock.
+    With ``draws`` (`analysis.bootstrap_draws`), 95 % bootstrap intervals over dev examples are added as
+    ``<score>_ci_low`` / ``_ci_high`` (:func:`leaderboard_intervals`).
     The parameters (and the batch size actually used) are kept in ``board.attrs`` for :func:`to_markdown`.
     """
     scores = per_seed_scores(records, speedup, tolerance, auc_range, batch_size)
@@ -204,6 +207,9 @@ def leaderboard(
         "heldout_pick_speedup", "heldout_pick_metric",
     ]  # fmt: skip
     board = board.reindex(columns=order)
+    if draws is not None:
+        intervals = leaderboard_intervals(records, draws, speedup, tolerance, auc_range, batch_size)
+        board = board.merge(intervals, on=ROW_KEYS, how="left")
     board = board.sort_values(["task", "auc", "method"], ascending=[True, False, True], na_position="last")
     board = board.reset_index(drop=True)
     used = (
@@ -213,6 +219,56 @@ def leaderboard(
         speedup=speedup, tolerance=tolerance, auc_range=tuple(auc_range), batch_sizes=[int(b) for b in used]
     )
     return board
+
+
+# Scores whose value moves when dev examples are resampled (the held-out pick's speed-up is fixed by the
+# selection set, so it has no interval over dev examples).
+CI_SCORES = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc",
+             "heldout_pick_metric"]
+
+
+def leaderboard_intervals(
+    records: pd.DataFrame,
+    draws: dict[tuple[str, str], np.ndarray],
+    speedup: str = "saved_layer_speedup",
+    tolerance: float = 0.01,
+    auc_range: tuple[float, float] = (1.0, 3.0),
+    batch_size: int = 1,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Bootstrap intervals over dev examples of every leaderboard score: one row per (task, method, backbone)
+    with ``<score>_ci_low`` / ``<score>_ci_high`` for each of ``CI_SCORES``.
+
+    For each resample r every point's metric is replaced by its r-th draw (`analysis.bootstrap_draws`), the
+    per-seed scores are recomputed exactly as :func:`leaderboard` computes them (so "best metric at >= 1.5x"
+    re-picks its point per draw) and averaged over seeds; the interval is the percentile range of those r
+    values. Draws are paired across seeds, so this is the interval of the seed mean. Speed-ups stay at their
+    measured dev values: the interval is the metric's sampling noise, not the cost's."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    lo, hi = auc_range
+    points = operating_points(records, batch_size)
+    per_seed = []
+    for key, group in points.groupby(SEED_KEYS, sort=True):
+        labels = group["knob_label"].where(~group["is_full_model"], "full model")
+        missing = [f"{j}/{k}" for j, k in zip(group["job_id"], labels, strict=True) if (j, k) not in draws]
+        if missing:
+            raise ValueError(f"no per-example results for {', '.join(missing[:3])}: intervals need the examples "
+                             "tables that `eebench run` stores in DIR/examples/")
+        stacked = np.stack([draws[(j, k)] for j, k in zip(group["job_id"], labels, strict=True)])  # (points, R)
+        scores = [_seed_scores(group.assign(metric=stacked[:, r]), speedup, tolerance, lo, hi)
+                  for r in range(stacked.shape[1])]
+        per_seed.append(pd.DataFrame([{**dict(zip(SEED_KEYS, key, strict=True)), "draw": r,
+                                       **{c: s[c] for c in CI_SCORES}} for r, s in enumerate(scores)]))
+    if not per_seed:
+        return pd.DataFrame(columns=[*ROW_KEYS, *(f"{c}_ci_{e}" for c in CI_SCORES for e in ("low", "high"))])
+    grouped = pd.concat(per_seed).groupby([*ROW_KEYS, "draw"])[CI_SCORES]
+    # as in `leaderboard`: a seed mean is NaN when any seed lacks the score in that draw
+    seed_means = grouped.mean().where(grouped.count().eq(grouped.size(), axis=0))
+    quantiles = seed_means.groupby(ROW_KEYS).quantile([(1 - confidence) / 2, (1 + confidence) / 2])
+    low = quantiles.xs((1 - confidence) / 2, level=-1).add_suffix("_ci_low")
+    high = quantiles.xs((1 + confidence) / 2, level=-1).add_suffix("_ci_high")
+    return low.join(high).reset_index()
 
 
 def _pct(value: float, digits: int, std: float = math.nan) -> str:
@@ -251,17 +307,27 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         "| " + " | ".join(headers) + " |",
         "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|",
     ]
+    with_ci = "auc_ci_low" in board
+
+    def ci(row: dict, score: str, render=lambda v: _pct(v, 1)) -> str:
+        low, high = row.get(f"{score}_ci_low"), row.get(f"{score}_ci_high")
+        if not with_ci or low is None or pd.isna(low):
+            return ""
+        return f" [{render(low)}, {render(high)}]"
+
     for row in board.to_dict("records"):
         cells = [
             _cell(row["task"]), _cell(row["method"]), _cell(row["backbone"]), _cell(row["metric_name"]),
             str(int(row["seeds"])),
-            _pct(row["full_model_metric"], digits, row["full_model_metric_std"]),
-            _pct(row["metric_at_1.5x"], digits), _pct(row["metric_at_2x"], digits),
-            _speed(row["best_speedup_within_1pt"]),
-            _pct(row["auc"], digits, row["auc_std"]),
+            _pct(row["full_model_metric"], digits, row["full_model_metric_std"]) + ci(row, "full_model_metric"),
+            _pct(row["metric_at_1.5x"], digits) + ci(row, "metric_at_1.5x"),
+            _pct(row["metric_at_2x"], digits) + ci(row, "metric_at_2x"),
+            _speed(row["best_speedup_within_1pt"]) + ci(row, "best_speedup_within_1pt", _speed),
+            _pct(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
         ]  # fmt: skip
         if held_out:
-            cells.append(f"{_speed(row['heldout_pick_speedup'])} / {_pct(row['heldout_pick_metric'], digits)}")
+            cells.append(f"{_speed(row['heldout_pick_speedup'])} / {_pct(row['heldout_pick_metric'], digits)}"
+                         + ci(row, "heldout_pick_metric"))
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
         f"*Speed-up = {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}; metrics on dev x100, "
@@ -272,20 +338,27 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         "(Pareto frontier, full model at 1.0x, 0 beyond the fastest point)."
         + (f" held-out pick: the point chosen on the held-out selection set (largest held-out saved-layer "
            f"speed-up within {tol:g} pt of the full model there), reported on dev." if held_out else "")
+        + (" [a, b]: 95 % percentile-bootstrap interval over dev examples (1000 resamples, seed 0, paired across "
+           "points and seeds; speed-ups held at their dev values)." if with_ci else "")
         + "*"
     )
     return "\n".join(lines) + "\n\n" + legend + "\n"
 
 
 
-def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None,
+def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None, ci: bool = False,
                       **kwargs) -> tuple[pd.DataFrame, Path]:
     """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md`` (or `filename`).
 
     ``kwargs`` go to :func:`leaderboard` (speedup, tolerance, auc_range, batch_size); ``digits`` to
-    :func:`to_markdown`. Returns the table and the path written.
+    :func:`to_markdown`; ``ci`` adds bootstrap intervals from the stored per-example tables.
+    Returns the table and the path written.
     """
-    board = leaderboard(load_records(results_dir), **kwargs)
+    draws = None
+    if ci:
+        from eebench.analysis import bootstrap_draws  # analysis imports this module
+        draws = bootstrap_draws(results_dir)
+    board = leaderboard(load_records(results_dir), draws=draws, **kwargs)
     path = Path(results_dir) / (filename or LEADERBOARD_FILE)
     atomic_write_text(path, to_markdown(board, digits=digits))
     return board, path

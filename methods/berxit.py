@@ -39,6 +39,8 @@ class BERxiTConfig:
 class LTERule:
     """Exit when the shared LTE regressor predicts a small error: sigmoid(w . h_i + b) < tau."""
 
+    reads_logits = False  # decides from the pooled vector; the classifier runs only where it exits
+
     def __init__(self, lte: nn.Module, threshold: float):
         self.lte, self.threshold = lte, threshold
 

@@ -108,6 +108,8 @@ def group_advantage(rewards: torch.Tensor, num_rollouts: int) -> torch.Tensor:
 class PolicyRule:
     """Inference: exit at the first layer l < L whose policy says P(exit) > threshold (strict)."""
 
+    reads_logits = False  # decides from the pooled vector; the classifier runs only where it exits
+
     def __init__(self, heads: nn.ModuleList, threshold: float):
         self.heads, self.threshold = heads, threshold
 

@@ -27,10 +27,12 @@ class ExitRule(Protocol):
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         ...
 
-    def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
+    def decide(self, layer: int, logits: torch.Tensor | None, state: RuleState,
                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
         """layer: 1..L-1; logits (b, C) and the head's pooled vector (b, d) of the b running examples
-        -> (exit mask (b,) bool, new state). Most rules read only the logits."""
+        -> (exit mask (b,) bool, new state). Most rules read only the logits. A rule that reads only
+        `pooled` sets the class attribute ``reads_logits = False``; early exit then passes logits=None and
+        runs the classifier only for the rows that exit (the trace still records every layer's logits)."""
         ...
 
 
@@ -125,12 +127,13 @@ class MultiExitModel(nn.Module):
         wanted = set(range(1, self.num_layers + 1) if layers is None else layers)
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
             hidden, bias = self._embed(batch)
+        weights = self.backbone.summary_weights(batch["attention_mask"], hidden.dtype)
         outputs = []
         for layer in range(1, max(wanted) + 1):
             with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
                 hidden = self.backbone.layer(layer, hidden, bias)
             if layer in wanted:
-                outputs.append(self.backbone.summarize(hidden, batch["attention_mask"]))
+                outputs.append(self.backbone.summarize_weighted(hidden, weights))
         return outputs
 
     def all_exit_logits(self, batch: Batch, layers: Sequence[int] | None = None,
@@ -154,11 +157,19 @@ class MultiExitModel(nn.Module):
 
     def early_exit(self, batch: Batch, rule: ExitRule) -> ExitOutput:
         """Per-example early exit: after layer i every running example's head i is evaluated and the rule
-        decides; exited rows leave the batch. The last layer's head answers for whoever is left."""
+        decides; exited rows leave the batch. The last layer's head answers for whoever is left.
+
+        What a layer costs beyond the layer itself is kept small, because at batch size 1 on a CPU each tiny
+        op costs about as much as a few thousand MACs: the summary weights are computed once per batch; a
+        rule with `reads_logits = False` (it reads the pooled vector only) gets no per-layer classifier, which
+        then runs only for the rows that exit; and when rows leave, trailing columns that are padding for
+        every remaining row are cut, so the survivors stop paying for a long example that already left."""
         hidden, bias = self._embed(batch)
         mask = batch["attention_mask"]
+        weights = self.backbone.summary_weights(mask, hidden.dtype)
         size, device = hidden.shape[0], hidden.device
         last = self.num_layers
+        reads_logits = getattr(rule, "reads_logits", True)
         active = torch.arange(size, device=device)
         exit_layer = torch.full((size,), last, dtype=torch.long, device=device)
         logits_out: torch.Tensor | None = None
@@ -166,36 +177,43 @@ class MultiExitModel(nn.Module):
         for layer in range(1, last + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
             head = self.heads[layer - 1]
-            pooled = head.pool(self.backbone.summarize(hidden, mask))
-            logits = head.classifier(pooled)
-            if logits_out is None:
-                logits_out = logits.new_empty(size, logits.shape[-1])
+            pooled = head.pool(self.backbone.summarize_weighted(hidden, weights))
             if layer == last:
-                logits_out[active] = logits
+                logits = head.classifier(pooled)
+                if logits_out is None:  # nobody exited before the last layer: the batch never shrank
+                    logits_out = logits
+                else:
+                    logits_out[active] = logits
                 break
+            logits = head.classifier(pooled) if reads_logits else None
             exit_now, state = rule.decide(layer, logits, state, pooled)
             if bool(exit_now.any()):  # the one host sync per layer that an exit decision needs
                 done = active[exit_now]
-                logits_out[done] = logits[exit_now]
+                exiting = logits[exit_now] if logits is not None else head.classifier(pooled[exit_now])
+                if logits_out is None:
+                    logits_out = exiting.new_empty(size, exiting.shape[-1])
+                logits_out[done] = exiting
                 exit_layer[done] = layer
                 keep = ~exit_now
                 if not bool(keep.any()):
                     break
                 hidden, bias, mask, active = hidden[keep], bias[keep], mask[keep], active[keep]
                 state = {key: value[keep] for key, value in state.items()}
+                hidden, bias, mask = _cut_trailing_padding(hidden, bias, mask)
+                weights = self.backbone.summary_weights(mask, hidden.dtype)
         assert logits_out is not None
         return ExitOutput(logits=logits_out, exit_layer=exit_layer,
                           head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
 
-
     def trace(self, batch: Batch) -> LayerTrace:
         """One full pass recording every head (the whole curve's raw material; see `replay`)."""
         hidden, bias = self._embed(batch)
+        weights = self.backbone.summary_weights(batch["attention_mask"], hidden.dtype)
         logits, pooled = [], []
         for layer in range(1, self.num_layers + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
             head = self.heads[layer - 1]
-            pooled.append(head.pool(self.backbone.summarize(hidden, batch["attention_mask"])))
+            pooled.append(head.pool(self.backbone.summarize_weighted(hidden, weights)))
             logits.append(head.classifier(pooled[-1]))
         return LayerTrace(logits, pooled)
 
@@ -220,6 +238,16 @@ class MultiExitModel(nn.Module):
             done |= exit_now
         return ExitOutput(logits=logits_out, exit_layer=exit_layer,
                           head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
+
+
+def _cut_trailing_padding(hidden: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the trailing sequence columns that are padding for every row (right-padded batches). Exact:
+    masked keys get weight exp(finfo.min) = 0 in attention, and no other position reads them."""
+    length = int(mask.sum(1).max())
+    if length == mask.shape[1] or bool(mask[:, length:].any()):  # nothing to cut, or not right-padded
+        return hidden, bias, mask
+    return hidden[:, :length], bias[..., :length], mask[:, :length]
 
 
 def exit_loss(logits: torch.Tensor, labels: torch.Tensor, task_kind: str) -> torch.Tensor:

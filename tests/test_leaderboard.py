@@ -233,3 +233,26 @@ def test_points_table_reports_realization_per_batch_size():
     table = points_table(pd.DataFrame(rows)).set_index("knob_label")
     assert table.loc["t=0.1", "realization_bs1"] == pytest.approx(0.8)
     assert table.loc["t=0.1", "realization_bs32"] == pytest.approx(0.9)
+
+
+def test_leaderboard_intervals_recompute_each_score_per_draw_and_average_seeds(records):
+    """Three hand-made draws: each score is recomputed per draw (the best point at >= 1.5x may change) and
+    averaged over the two seeds, then the 2.5 / 97.5 percentiles of those three values are taken."""
+    from eebench.leaderboard import leaderboard_intervals
+
+    draws = {}
+    for row in records.to_dict("records"):
+        knob = "full model" if row["is_full_model"] else row["knob_label"]
+        draws[(row["job_id"], knob)] = np.array([row["metric"], row["metric"] - 0.1, row["metric"] + 0.05])
+    # alpha seed 0 draw 2: make the 2.5x point (0.80 -> 0.95) beat the 1.5x point (0.89 -> 0.94) at >= 1.5x
+    draws[("alpha-sst2-0-minilm", "t=0.2")][2] = 0.95
+    table = leaderboard_intervals(records, draws, confidence=0.5).set_index("method")
+    # alpha metric@1.5x per draw: seed 0 {.89, .79, .95}, seed 1 {.905, .805, .955} -> means {.8975, .7975, .9525}
+    expected = np.quantile([0.8975, 0.7975, 0.9525], [0.25, 0.75])
+    assert table.loc["alpha", ["metric_at_1.5x_ci_low", "metric_at_1.5x_ci_high"]].tolist() == pytest.approx(expected)
+    # full model: alpha means {.91, .81, .96}
+    assert table.loc["alpha", "full_model_metric_ci_low"] == pytest.approx(np.quantile([0.91, 0.81, 0.96], 0.25))
+    board = leaderboard(records, draws={k: v for k, v in draws.items()})
+    assert "auc_ci_high" in board and "[" in to_markdown(board)
+    with pytest.raises(ValueError, match="per-example"):
+        leaderboard_intervals(records, {k: v for k, v in draws.items() if k[0] != "beta-sst2-1-minilm"})
