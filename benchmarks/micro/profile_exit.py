@@ -8,6 +8,10 @@ Times, interleaved on the same examples (medians of --repeats rounds), at each b
   no-exit       `early_exit` with DeeBERT-style heads and an entropy rule that never fires (threshold 0):
                 every head, every decision, every host sync, and no saving; no-exit / full is the overhead
                 a point that exits nowhere pays, the realization such a point gets is full / no-exit.
+  embeddings    the embedding layer alone (a cost no exit can save);
+  floor@1       embeddings + layer 1 + one head: the least an example exiting at layer 1 can cost;
+  exit@1        `early_exit` with a rule that always fires at layer 1 (saved layers say L x; this says what
+                the clock gives, and floor@1 says how much of the gap is the embeddings and the head).
 Then a torch.profiler table of the no-exit run (self CPU time per op), so the remaining time has names.
 Heads are untrained: cost does not depend on their weights.
 """
@@ -34,11 +38,11 @@ def build(backbone_name: str, num_labels: int) -> MultiExitModel:
     return MultiExitModel(backbone, heads).eval()
 
 
-def layers_only(model: MultiExitModel, batch) -> torch.Tensor:
+def layers_only(model: MultiExitModel, batch, depth: int | None = None, head: bool = False) -> torch.Tensor:
     hidden, bias = model._embed(batch)
-    for layer in range(1, model.num_layers + 1):
+    for layer in range(1, (depth or model.num_layers) + 1):
         hidden = model.backbone.layer(layer, hidden, bias)
-    return hidden
+    return model.head(depth or model.num_layers, hidden, batch["attention_mask"]) if head else hidden
 
 
 def main() -> None:
@@ -58,7 +62,7 @@ def main() -> None:
     split = load_split(spec, "dev", limit=args.examples, seed=0, data_dir=args.data_dir)
     tokenizer = model.backbone.tokenizer
     data = encode(split.examples, tokenizer, 128, spec.kind == "regression")
-    never = entropy_rule(0.0)
+    never, always = entropy_rule(0.0), entropy_rule(float("inf"))
     print(f"{args.backbone}, {args.task} dev, {len(data)} examples, {torch.get_num_threads()} threads")
     with torch.inference_mode():
         for batch_size in args.batch_sizes:
@@ -67,12 +71,20 @@ def main() -> None:
                 "full": lambda batches=batches: [model.full(b) for b in batches],
                 "layers-only": lambda batches=batches: [layers_only(model, b) for b in batches],
                 "no-exit": lambda batches=batches: [model.early_exit(b, never) for b in batches],
+                "embeddings": lambda batches=batches: [model._embed(b) for b in batches],
+                "floor@1": lambda batches=batches: [layers_only(model, b, 1, head=True) for b in batches],
+                "exit@1": lambda batches=batches: [model.early_exit(b, always) for b in batches],
             }
             seconds = interleaved_medians(candidates, CpuClock(), repeats=args.repeats, warmup=1)
             full = seconds["full"]
             print(f"\nbatch size {batch_size}: " + ", ".join(
                 f"{name} {value * 1e3:.1f} ms ({value / full:.3f} of full)" for name, value in seconds.items()))
+            layers = model.num_layers
             print(f"  realization of a point that exits nowhere: {full / seconds['no-exit']:.3f}")
+            print(f"  all exit at layer 1 ({layers}x saved layers): wall-clock {full / seconds['exit@1']:.2f}x, "
+                  f"realization {full / seconds['exit@1'] / layers:.3f}; the floor (embeddings + layer 1 + head) "
+                  f"allows {full / seconds['floor@1']:.2f}x, embeddings alone are "
+                  f"{100 * seconds['embeddings'] / full:.1f} % of the full model")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
                 for b in batches:
                     model.early_exit(b, never)
