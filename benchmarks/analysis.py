@@ -124,3 +124,24 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
         rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
                      "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})
     return pd.DataFrame(rows)
+
+
+def timed_saved_layer_speedups(results_dir: str | Path) -> pd.DataFrame:
+    """(job_id, knob_label, timed_saved_layer_speedup) recomputed from the stored examples: the saved-layer
+    speed-up over the first `n_timed_examples` dev examples, the ones wall-clock was measured on. Token-wise
+    jobs (an example's token-weighted depth differs from its exit layer) are token-weighted, as in the runner.
+    For records written before the runner stored the field."""
+    examples = load_examples(results_dir)
+    records = load_records(results_dir)
+    timed = records.drop_duplicates("job_id").set_index("job_id")[["n_timed_examples", "num_layers"]]
+    rows = []
+    for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
+        if job_id not in timed.index or pd.isna(timed.at[job_id, "n_timed_examples"]):
+            continue
+        n, layers = int(timed.at[job_id, "n_timed_examples"]), int(timed.at[job_id, "num_layers"])
+        head = point.sort_values("example").iloc[:n]
+        token_wise = bool((head.mean_token_layer.notna() & (head.mean_token_layer != head.exit_layer)).any())
+        speedup = (layers * head.n_tokens.sum() / (head.mean_token_layer * head.n_tokens).sum() if token_wise
+                   else layers * len(head) / head.exit_layer.sum())
+        rows.append({"job_id": job_id, "knob_label": knob, "timed_saved_layer_speedup": float(speedup)})
+    return pd.DataFrame(rows, columns=["job_id", "knob_label", "timed_saved_layer_speedup"])

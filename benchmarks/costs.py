@@ -31,8 +31,10 @@ GLOSSARY: dict[str, str] = {
     "wallclock_speedup": "t_full / t_method: median over repeats of the time to run the same timing examples at "
                          "the same batch size, in the same process, after warm-up (perf_counter on CPU; CUDA "
                          "events + synchronize on GPU). Batched runs drop exited examples from the batch.",
-    "realization": "wallclock_speedup / saved_layer_speedup at one batch size: the share of the saved layers that "
-                   "the clock realises (1.0 = every saved layer saves its full share of time).",
+    "realization": "wallclock_speedup / timed_saved_layer_speedup at one batch size: the share of the saved layers "
+                   "that the clock realises (1.0 = every saved layer saves its full share of time).",
+    "timed_saved_layer_speedup": "saved_layer_speedup over the timed examples only (the first timing_examples of "
+                                 "dev, what wall-clock ran on), so that realization compares like with like.",
     "mean_token_layer": "token-wise methods: sum over tokens of layers that updated them / real tokens (the token-"
                         "weighted depth); layer-wise methods: mean_exit_layer.",
     "curve_cost_ratio": "time to evaluate every operating point of a job on dev / time of one full-model pass "

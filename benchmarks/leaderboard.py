@@ -375,8 +375,13 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     wallclock = records.pivot_table(index=keys, columns="batch_size", values="wallclock_speedup", aggfunc="first")
     for batch_size in wallclock.columns:
         table[f"wallclock_bs{batch_size}"] = wallclock[batch_size]
+    # Realization compares the clock with the layers saved ON THE TIMED EXAMPLES (dev[:n_timed]); a dev set
+    # ordered by source (STS-B) makes those differ from the whole set's. Older records lack the field: they
+    # fall back to the whole set's, or are filled from the stored examples (`analysis.timed_saved_layer_speedups`).
+    timed = first["timed_saved_layer_speedup"] if "timed_saved_layer_speedup" in first else pd.Series(float("nan"), first.index)
+    denominator = timed.fillna(table["saved_layer_speedup"])
     for batch_size in wallclock.columns:  # how much of the saved layers the clock realises (GLOSSARY)
-        table[f"realization_bs{batch_size}"] = wallclock[batch_size] / table["saved_layer_speedup"]
+        table[f"realization_bs{batch_size}"] = wallclock[batch_size] / denominator
     table = table.reset_index().sort_values(["task", "method", "seed", "saved_layer_speedup"], kind="stable")
     return table.reset_index(drop=True)
 

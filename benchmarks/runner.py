@@ -266,20 +266,23 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
         out = outputs[label]
         predictions = predictions_from_logits(spec, out["logits"])
         metrics = compute_metrics(spec, predictions, labels)
+        timed = min(job.eval.timing_examples, len(dev))  # wall-clock runs on dev[:timed]
         if "queries" in out:  # token-wise: q tokens updated per layer, all real tokens as keys (ExitOutput doc)
             keys = out["keys"] if "keys" in out else costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
             flops = costs.example_flops(out["queries"], keys, out["head_macs"], info.hidden_size, info.intermediate_size)
             saved = float(num_layers * lengths.sum() / out["queries"].sum())
+            timed_saved = float(num_layers * lengths[:timed].sum() / out["queries"][:timed].sum())
         else:
             flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
                                           info.hidden_size, info.intermediate_size)
             saved = costs.saved_layer_speedup(out["exit_layer"], num_layers)
+            timed_saved = costs.saved_layer_speedup(out["exit_layer"][:timed], num_layers)
         point = {"knob": knob or {}, "knob_label": label, "is_full_model": knob is None,
                  "metric": metrics[spec.primary_metric], "metrics": metrics,
                  "mean_exit_layer": float(out["exit_layer"].mean()),
                  "mean_token_layer": float(out["queries"].sum() / lengths.sum()) if "queries" in out
                  else float(out["exit_layer"].mean()),
-                 "saved_layer_speedup": saved,
+                 "saved_layer_speedup": saved, "timed_saved_layer_speedup": timed_saved,
                  "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
         if selection:
             held_out_predictions = predictions_from_logits(spec, selection[label]["logits"])

@@ -57,6 +57,28 @@ def test_metric_matches_the_stored_per_example_predictions(sst2_run):
             assert record["mean_exit_layer"] == pytest.approx(group.exit_layer.mean())
 
 
+def test_realization_uses_the_saved_layers_of_the_timed_examples(sst2_run):
+    """FAST_EVAL times the first 8 of 24 dev examples: the runner records their saved layers, the analysis
+    recomputes the same number from the stored examples, and points_table divides the clock by it."""
+    from eebench.analysis import timed_saved_layer_speedups
+    from eebench.leaderboard import points_table
+
+    out, _, jobs, _ = sst2_run
+    records = load_records(out)
+    recomputed = timed_saved_layer_speedups(out).set_index(["job_id", "knob_label"])["timed_saved_layer_speedup"]
+    for job in jobs:
+        examples = pd.read_parquet(out / "examples" / f"{job.job_id}.parquet")
+        for label, group in examples.groupby("knob_label"):
+            record = records[(records.job_id == job.job_id) & (records.knob_label == label)].iloc[0]
+            first = group.sort_values("example").exit_layer.to_numpy()[:8]
+            assert record["n_timed_examples"] == 8
+            assert record["timed_saved_layer_speedup"] == pytest.approx(4 * 8 / first.sum())
+            assert recomputed[(job.job_id, label)] == pytest.approx(record["timed_saved_layer_speedup"])
+    table = points_table(records).set_index(["job_id", "knob_label"])
+    row = records[records.batch_size == 1].set_index(["job_id", "knob_label"]).iloc[-1]
+    assert table.loc[row.name, "realization_bs1"] == pytest.approx(row.wallclock_speedup / row.timed_saved_layer_speedup)
+
+
 def test_rerun_is_idempotent_and_uses_the_checkpoint_cache(sst2_run):
     out, cache, jobs, _ = sst2_run
     before = (out / "records.jsonl").read_text()
