@@ -82,10 +82,13 @@ def bootstrap_draws(results_dir: str | Path, n_resamples: int = 1000,
     examples}. Resample r draws the same example indices for every point of every job with the same number of
     dev examples (one seeded generator per job, same seed), so draws are paired across points, jobs and seeds
     of a task: a seed mean or a max over points computed per r is a valid bootstrap of that statistic."""
+    return _draws(load_examples(results_dir), n_resamples, seed)
+
+
+def _draws(examples: pd.DataFrame, n_resamples: int, seed: int) -> dict[tuple[str, str], np.ndarray]:
     from eebench.metrics import compute_metrics
     from eebench.tasks import get_task
 
-    examples = load_examples(results_dir)
     draws: dict[tuple[str, str], np.ndarray] = {}
     for job_id, job in examples.groupby("job_id", sort=True):
         spec = get_task(job.task.iloc[0])
@@ -114,8 +117,8 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    draws = bootstrap_draws(results_dir, n_resamples, seed)
     examples = load_examples(results_dir)
+    draws = _draws(examples, n_resamples, seed)
     rows = []
     for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
         spec = get_task(point.task.iloc[0])
@@ -145,3 +148,19 @@ def timed_saved_layer_speedups(results_dir: str | Path) -> pd.DataFrame:
                    else layers * len(head) / head.exit_layer.sum())
         rows.append({"job_id": job_id, "knob_label": knob, "timed_saved_layer_speedup": float(speedup)})
     return pd.DataFrame(rows, columns=["job_id", "knob_label", "timed_saved_layer_speedup"])
+
+
+def with_timed_saved_layer_speedups(records: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """`records` with missing `timed_saved_layer_speedup` filled from the stored examples (records written
+    before the runner stored it); unchanged when no examples are stored (realization then falls back to the
+    whole dev set's saved layers)."""
+    try:
+        recomputed = timed_saved_layer_speedups(results_dir)
+    except FileNotFoundError:
+        return records
+    labels = records["knob_label"].where(~records["is_full_model"], "full model")
+    lookup = recomputed.set_index(["job_id", "knob_label"])["timed_saved_layer_speedup"]
+    filled = pd.Series([lookup.get(key, float("nan")) for key in zip(records["job_id"], labels, strict=True)],
+                       index=records.index)
+    current = records["timed_saved_layer_speedup"] if "timed_saved_layer_speedup" in records else filled * float("nan")
+    return records.assign(timed_saved_layer_speedup=current.fillna(filled))

@@ -133,7 +133,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     from eebench.store import atomic_write_text
     records = load_records(args.results)
     if "timed_saved_layer_speedup" not in records or records["timed_saved_layer_speedup"].isna().any():
-        records = _fill_timed_saved(records, args.results)
+        from eebench.analysis import with_timed_saved_layer_speedups
+        records = with_timed_saved_layer_speedups(records, args.results)
     table = points_table(records)
     if args.ci:
         from eebench.analysis import bootstrap_intervals
@@ -146,23 +147,6 @@ def cmd_points(args: argparse.Namespace) -> int:
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)
     return 0
-
-
-def _fill_timed_saved(records, results_dir):
-    """Records from before the runner stored `timed_saved_layer_speedup`: recompute it from the examples."""
-    import pandas as pd
-
-    from eebench.analysis import timed_saved_layer_speedups
-    try:
-        recomputed = timed_saved_layer_speedups(results_dir)
-    except FileNotFoundError:  # no examples stored: realization falls back to the whole dev set's saved layers
-        return records
-    labels = records["knob_label"].where(~records["is_full_model"], "full model")
-    lookup = recomputed.set_index(["job_id", "knob_label"])["timed_saved_layer_speedup"]
-    filled = [lookup.get((job, label), float("nan")) for job, label in zip(records["job_id"], labels, strict=True)]
-    current = records["timed_saved_layer_speedup"] if "timed_saved_layer_speedup" in records else float("nan")
-    return records.assign(timed_saved_layer_speedup=pd.Series(current, index=records.index).fillna(
-        pd.Series(filled, index=records.index)))
 
 
 def cmd_difficulty(args: argparse.Namespace) -> int:
