@@ -24,7 +24,7 @@ from eebench import costs
 from eebench.backbones import load_backbone
 from eebench.env import environment
 from eebench.methods import build_method, check_exit_output, get_method_class
-from eebench.methods.exits import MultiExitModel
+from eebench.methods.exits import MultiExitModel, center_regression_heads
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.metrics import compute_metrics, predictions_from_logits
 from eebench.store import ResultsStore, atomic_write_text
@@ -92,6 +92,8 @@ def training_context(job: Job, carved: bool = False) -> dict:
                "train": asdict(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
     if carved:
         context["selection_carved_out"] = job.selection_examples
+    if get_task(job.task).kind == "regression":  # heads start at the mean target (older checkpoints did not)
+        context["regression_heads"] = "bias at the mean training target"
     return context
 
 
@@ -182,6 +184,8 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad
         meta = json.loads(meta_path.read_text())
         return {**meta, "checkpoint": key, "from_cache": True}
     stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
+    if train.labels.is_floating_point():  # regression: see center_regression_heads
+        center_regression_heads(model, train.labels.mean().item())
     trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
     started = time.perf_counter()
     method.fit(trainer)

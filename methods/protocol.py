@@ -92,7 +92,9 @@ class EarlyExitMethod(Protocol):
 
     def attach(self, backbone: EncoderBackbone, task: TaskSpec) -> nn.Module:
         """Build the method's modules around `backbone` for `task`; return the whole model (it is what
-        the runner moves to a device, saves and loads)."""
+        the runner moves to a device, saves and loads). For regression tasks the runner then starts every
+        one-output `ExitHead` at the mean training target (`center_regression_heads`); a plugin with heads
+        of its own should build them from `ExitHead` or start them at the mean itself."""
         ...
 
     def fit(self, trainer: Trainer) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eebench.backbones import load_backbone
-from eebench.methods.exits import ExitHead, MultiExitModel
+from eebench.methods.exits import ExitHead, MultiExitModel, center_regression_heads
 
 
 class FixedExits:
@@ -91,3 +91,15 @@ def test_pooled_only_rules_get_no_logits_and_the_same_answers():
     torch.testing.assert_close(got.logits, expected.logits)
     for row, layer in enumerate(targets):  # each row's answer is its exit layer's head
         torch.testing.assert_close(got.logits[row], trace.logits[layer - 1][row], rtol=1e-5, atol=1e-6)
+
+
+def test_center_regression_heads_sets_one_output_heads_only():
+    backbone = load_backbone("tiny-bert", seed=0)
+    regression = [ExitHead(backbone.pooler, backbone.hidden_size, 1, 0.1, 0.02) for _ in range(3)]
+    classification = ExitHead(backbone.pooler, backbone.hidden_size, 3, 0.1, 0.02)  # e.g. a plugin's extra head
+    model = MultiExitModel(backbone, regression + [ExitHead(backbone.pooler, backbone.hidden_size, 1, 0.1, 0.02)],
+                           extras={"other": classification})
+    regression = list(model.heads)
+    assert center_regression_heads(model, 2.7) == 4
+    assert all(h.classifier.bias.item() == pytest.approx(2.7) for h in regression)
+    assert torch.equal(classification.classifier.bias, torch.zeros(3))

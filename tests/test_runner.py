@@ -153,3 +153,22 @@ def test_selection_set_is_evaluated_and_picks_the_operating_point(tmp_path):
     assert 1.0 <= pick.heldout_pick_speedup and 0 <= pick.heldout_pick_metric <= 1
     points = records[records.batch_size == 1]
     assert pick.heldout_pick_metric in set(points.metric)  # a dev metric of one stored point
+
+
+@pytest.mark.parametrize("method", ["pabee", "berxit", "hashee"])
+def test_regression_heads_start_at_the_mean_training_target(method, tmp_path, monkeypatch):
+    """Untrained (fit does nothing), a regression model predicts about the mean STS-B training score, not 0;
+    and its checkpoint key differs from the zero-bias era's (regression jobs only)."""
+    from eebench.methods import get_method_class
+    from eebench.runner import training_context
+    from eebench.tasks import load_split
+
+    monkeypatch.setattr(get_method_class(method), "fit", lambda self, trainer: None)
+    job = tiny_job(method, "stsb", data_dir=str(GLUE))
+    _, examples = run_job(job, tmp_path, progress=False)
+    train_mean = sum(e.label for e in load_split("stsb", "train", GLUE, job.train_limit, job.seed).examples) / job.train_limit
+    assert train_mean > 1.5
+    full = examples[examples.knob_label == "full model"]
+    assert full.prediction.mean() == pytest.approx(train_mean, abs=0.1)
+    assert "regression_heads" in training_context(job)
+    assert "regression_heads" not in training_context(tiny_job(method, "sst2", data_dir=str(GLUE)))
