@@ -86,7 +86,7 @@ def bootstrap_draws(results_dir: str | Path, n_resamples: int = 1000,
 
 
 def _draws(examples: pd.DataFrame, n_resamples: int, seed: int) -> dict[tuple[str, str], np.ndarray]:
-    from eebench.metrics import compute_metrics
+    from eebench.metrics import resampled_metric
     from eebench.tasks import get_task
 
     draws: dict[tuple[str, str], np.ndarray] = {}
@@ -96,12 +96,8 @@ def _draws(examples: pd.DataFrame, n_resamples: int, seed: int) -> dict[tuple[st
         resamples = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
         for knob, point in job.groupby("knob_label", sort=False):
             point = point.sort_values("example")
-            predictions, labels = point.prediction.to_numpy(), point.label.to_numpy()
-            if spec.primary_metric == "accuracy":  # the same numbers as compute_metrics, vectorised
-                draws[(job_id, knob)] = (predictions == labels)[resamples].mean(1)
-            else:
-                draws[(job_id, knob)] = np.array([compute_metrics(spec, predictions[i], labels[i])[spec.primary_metric]
-                                                  for i in resamples])
+            draws[(job_id, knob)] = resampled_metric(spec, point.prediction.to_numpy(), point.label.to_numpy(),
+                                                     resamples)
     return draws
 
 

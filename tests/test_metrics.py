@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from eebench.metrics import METRIC_DESCRIPTIONS, compute_metrics, predictions_from_logits
+from eebench.metrics import METRIC_DESCRIPTIONS, compute_metrics, predictions_from_logits, resampled_metric
 from eebench.tasks import get_task, task_names
 
 
@@ -96,3 +97,22 @@ def test_every_metric_is_described():
     used = {m for name in task_names() for m in get_task(name).metric_names}
     assert used <= set(METRIC_DESCRIPTIONS)
     assert all(isinstance(v, str) and "\n" not in v for v in METRIC_DESCRIPTIONS.values())
+
+
+@pytest.mark.parametrize("task,metrics", [("sst2", None), ("mrpc", None), ("cola", None), ("stsb", None),
+                                          ("stsb", ("pearson", "spearman"))])
+def test_resampled_metric_equals_compute_metrics_row_by_row(task, metrics):
+    spec = get_task(task) if metrics is None else dataclasses.replace(get_task(task), metric_names=metrics)
+    rng = np.random.default_rng(3)
+    n = 40
+    if spec.kind == "regression":  # rounded, so that ranks have ties
+        labels, predictions = rng.integers(0, 6, n).astype(float), np.round(rng.normal(2.5, 1, n), 1)
+    else:
+        labels, predictions = rng.integers(0, spec.num_labels, n), rng.integers(0, spec.num_labels, n)
+    resamples = rng.integers(0, n, (50, n))
+    resamples[0] = 7                                   # one example repeated: constant input
+    resamples[1] = np.flatnonzero(labels == labels[0])[0]
+    if spec.kind == "classification":
+        resamples[2] = rng.choice(np.flatnonzero(predictions == 0), n)  # no predicted positives: F1's zero division
+    expected = [compute_metrics(spec, predictions[r], labels[r])[spec.primary_metric] for r in resamples]
+    assert resampled_metric(spec, predictions, labels, resamples) == pytest.approx(expected, abs=1e-12)
