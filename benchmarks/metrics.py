@@ -132,4 +132,4 @@ def resampled_metric(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray
             warnings.simplefilter("ignore")
             values = pearsonr(pred.astype(np.float64), gold.astype(np.float64), axis=1).statistic
         return np.nan_to_num(values, nan=0.0)
-    return np.array([compute_metrics(spec, p, g)[name] for p, g in zip(pred, gold)])
+    return np.array([compute_metrics(spec, p, g)[name] for p, g in zip(pred, gold, strict=True)])
