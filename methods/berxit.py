@@ -25,6 +25,10 @@ from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
 ROUTINES = ("alternate-lte", "alternate", "two_stage", "all", "weight-linear", "self_distil", "limit")
 LTE_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the spec's proposal: 0.05 ... 0.95
+# Regression: the LTE target tanh(|error|) is on the label scale (spec pitfall 6), so on STS-B (0-5) the scores
+# crowd into a narrow band: MiniLM's run exited nothing at tau <= 0.5 and everything at layer 1 from 0.6, a
+# curve with one inner point. Steps of 0.01 over tanh(0.42 ... 0.87 points of error) add the missing points.
+REGRESSION_LTE_GRID = tuple(sorted({*LTE_GRID, *(round(0.4 + 0.01 * k, 2) for k in range(31))}))
 
 
 @dataclass
@@ -32,6 +36,7 @@ class BERxiTConfig:
     routine: str = "alternate-lte"
     exit_signal: str = "lte"               # "lte" (learned) or "entropy" (DeeBERT's rule, classification only)
     lte_grid: tuple[float, ...] = LTE_GRID
+    regression_lte_grid: tuple[float, ...] = REGRESSION_LTE_GRID  # an eebench choice: the spec has one grid
     entropy_grid: tuple[float, ...] = ENTROPY_GRID
     limit_layer: int = 1                   # routine "limit" trains only this exit (a per-layer upper bound)
 
@@ -142,7 +147,8 @@ class BERxiT:
     # ---- exit rule ----------------------------------------------------------------------------------
     def knobs(self, task, num_layers: int) -> list[Knob]:
         if self.config.exit_signal == "lte":  # tau = 0 never exits (sigmoid > 0): the full model comes first
-            return [{"lte_threshold": tau} for tau in (0.0, *self.config.lte_grid)]
+            grid = self.config.regression_lte_grid if task.kind == "regression" else self.config.lte_grid
+            return [{"lte_threshold": tau} for tau in (0.0, *grid)]
         return [{"entropy_threshold": s} for s in self.config.entropy_grid]
 
     def exit_rule(self, knob: Knob):

@@ -108,3 +108,15 @@ def test_lte_cost_is_charged_to_offramps_not_to_the_full_model():
     assert heads[0].macs() == d * d + d * c + d      # pooler + classifier + LTE
     assert heads[-1].macs() == d * d + d * c         # the final exit never tests the LTE
     assert heads[0].pooler is not heads[1].pooler and heads[-1].pooler is method.model.backbone.pooler
+
+
+def test_regression_gets_a_finer_lte_grid():
+    from eebench.methods.berxit import LTE_GRID
+
+    def taus(task):
+        return [k["lte_threshold"] for k in BERxiT().knobs(get_task(task), 4)]
+
+    assert taus("sst2") == [0.0, *LTE_GRID]
+    regression = taus("stsb")
+    assert regression[0] == 0.0 and set(LTE_GRID) < set(regression) and regression == sorted(regression)
+    assert {0.51, 0.55, 0.59} <= set(regression) and len(regression) == len(set(regression))
