@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
             command.add_argument("--batch-size", type=int, default=1, help="timing batch size (wall-clock only)")
+        if name == "plot":
+            command.add_argument("--beside", nargs="+", default=(), metavar="DIR",
+                                 help="other results directories whose curves are drawn in the same figures")
     sub.add_parser("methods", help="list registered methods (built-in and plugins)")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("suites", help="list suites and what they run")
@@ -174,7 +177,8 @@ def cmd_training(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
-    paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
+    paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"),
+                          beside=args.beside)
     for path in paths:
         print(path)
     return 0

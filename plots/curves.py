@@ -31,7 +31,7 @@ _SPEEDUP_NAMES = {
 _PERCENT_METRICS = {"accuracy", "f1", "precision", "recall"}
 _METRIC_NAMES = {"f1": "F1", "mcc": "MCC", "spearman": "Spearman", "pearson": "Pearson"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
-FULL_MODEL_LABEL = "full model\n(mean over methods)"
+FULL_MODEL_LABEL = "full model\n(median over methods)"
 
 
 def _styles(methods: Sequence[str]) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -48,7 +48,9 @@ def tradeoff_figure(
     """Dev metric (x100) vs ``speedup`` for every method on ``task``, at one batch size.
 
     Each point is one knob setting averaged over seeds (x and y), with a ±1 std band in y when there
-    are several seeds; the grey dashed line is the full-model metric averaged over methods. When a task
+    are several seeds; the grey dashed line is the median over methods of their seed-averaged full-model
+    metric (a median because some methods' "full model" is a network trained for something else: HashEE's
+    hashed-exit network forced to full depth scores F1 5-47 on MRPC, where every layer-wise one is near 84). When a task
     holds several backbones, each (method, backbone) is its own curve. Falls back to the smallest batch
     size present like :func:`eebench.leaderboard.operating_points`.
     """
@@ -101,7 +103,7 @@ def tradeoff_figure(
             for n in order
         ]
         if len(full):
-            ax.axhline(full.mean(), color="0.45", linestyle="--", linewidth=1.2, zorder=1)
+            ax.axhline(full.median(), color="0.45", linestyle="--", linewidth=1.2, zorder=1)
             handles.append(
                 Line2D([], [], color="0.45", linestyle="--", linewidth=1.2, label=FULL_MODEL_LABEL)
             )
@@ -130,17 +132,32 @@ def _atomic_savefig(fig: Figure, path: Path, fmt: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def records_beside(results_dir: str | Path, beside: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """The records of `results_dir`, plus those of each `beside` directory for the same tasks; a job
+    stored in several directories counts once."""
+    records = load_records(results_dir)
+    if not beside:
+        return records
+    tasks = records["task"].unique()
+    others = [other[other["task"].isin(tasks)] for other in map(load_records, beside)]
+    key = ["job_id", "task", "method", "seed", "knob_label", "batch_size"]
+    return pd.concat([records, *others], ignore_index=True).drop_duplicates(key)
+
+
 def write_figures(
     results_dir: str | Path,
     speedups: Sequence[str] = ("saved_layer_speedup",),
     formats: Sequence[str] = ("png", "pdf"),
+    beside: Sequence[str | Path] = (),
 ) -> list[Path]:
     """Write one figure per task and speed-up kind to ``results_dir/figures/<task>_<speedup>.<fmt>``.
 
     Wall-clock speed-up depends on the batch size, so it gets one figure per batch size present
-    (``<task>_wallclock_speedup_bs<B>.<fmt>``). Returns the paths written, in order.
+    (``<task>_wallclock_speedup_bs<B>.<fmt>``). ``beside``: other results directories whose curves are
+    drawn in the same figures (their records for this directory's tasks; a job stored in both is drawn
+    once), e.g. the layer-wise methods beside the token-wise ones. Returns the paths written, in order.
     """
-    records = load_records(results_dir)
+    records = records_beside(results_dir, beside)
     unknown = [s for s in speedups if s not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up(s) {unknown}; choose from {', '.join(SPEEDUPS)}")

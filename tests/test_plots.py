@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from eebench.plots.curves import FULL_MODEL_LABEL, tradeoff_figure, write_figures
+from eebench.plots.curves import FULL_MODEL_LABEL, records_beside, tradeoff_figure, write_figures
 
 from conftest import curve
 
@@ -50,7 +50,7 @@ def test_one_line_per_method_seed_averaged_and_sorted():
     assert bx == sorted(bx)
     ax = fig.axes[0]
     full = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
-    assert len(full) == 1 and full[0].get_ydata()[0] == pytest.approx(91.0)  # mean of 91.0 and 91.0
+    assert len(full) == 1 and full[0].get_ydata()[0] == pytest.approx(91.0)  # median of 91.0 and 91.0
     assert "saved-layer speed-up" in ax.get_xlabel() and "batch size 1" in ax.get_xlabel()
     assert ax.get_ylabel().startswith("accuracy")
     assert "sst2" in ax.get_title() and "minilm" in ax.get_title()
@@ -122,3 +122,26 @@ def test_write_figures(tmp_path: Path):
 def test_write_figures_missing_store(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="eebench run --out"):
         write_figures(tmp_path)
+
+
+def test_full_model_line_is_the_median_over_methods():
+    odd = curve("hashed", 0, 0.10, [(3.0, 0.80)])  # a method whose "full model" is not a normal fine-tune
+    fig = tradeoff_figure(pd.DataFrame([*RECORDS, *odd, *curve("gamma", 0, 0.89, [(2.0, 0.85)])]), "sst2")
+    full = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert full[0].get_ydata()[0] == pytest.approx(90.0)  # median of 91, 91, 10, 89 (the mean would be 70.25)
+
+
+def test_write_figures_beside_draws_other_directories_curves(tmp_path: Path):
+    token, layer = tmp_path / "token", tmp_path / "layer"
+    for folder, rows in ((token, curve("alpha", 0, 0.90, [(3.0, 0.80)], job_id="t")),
+                         (layer, [*curve("beta", 0, 0.91, [(1.8, 0.90)], job_id="l"),
+                                  *curve("beta", 0, 0.91, [(1.8, 0.90)], job_id="m", task="rte")])):
+        folder.mkdir()
+        (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = records_beside(token, [layer, token])  # token twice: its job counts once
+    assert sorted(records.method.unique()) == ["alpha", "beta"] and set(records.task) == {"sst2"}
+    assert len(records) == 4
+    fig = tradeoff_figure(records, "sst2")
+    assert legend_texts(fig) == ["alpha", "beta", FULL_MODEL_LABEL]
+    paths = write_figures(token, formats=("png",), beside=[layer])
+    assert [p.name for p in paths] == ["sst2_saved_layer_speedup.png"]  # only this directory's tasks
