@@ -66,6 +66,14 @@ def test_points_without_early_exit_collapse_into_one():
     assert lines == [([1.0, 2.0, 3.0], pytest.approx([89.0, 85.0, 80.0]))]
 
 
+def test_token_wise_points_are_not_collapsed_by_their_exit_layer():
+    # Token-wise: every example's exit layer is L ([CLS] runs to the top), yet its tokens save layers.
+    rows = [*curve("tokens", 0, 0.90, [(1.0, 0.90), (2.0, 0.85), (3.0, 0.80)])]
+    for row in rows:
+        row["mean_exit_layer"] = row["num_layers"]
+    assert data_lines(tradeoff_figure(pd.DataFrame(rows), "sst2")) == [([1.0, 2.0, 3.0], pytest.approx([90.0, 85.0, 80.0]))]
+
+
 def test_wallclock_figure_uses_requested_batch_size():
     rows = [
         *RECORDS,
