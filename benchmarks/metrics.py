@@ -124,7 +124,8 @@ def resampled_metric(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray
     if name == "f1" and spec.num_labels == 2:
         true_pos = ((pred == 1) & (gold == 1)).sum(1)
         wrong = (pred != gold).sum(1)  # false positives + false negatives
-        return np.where(true_pos > 0, 2 * true_pos / np.maximum(2 * true_pos + wrong, 1), 0.0)  # sklearn's zero_division=0
+        # no true positive: F1 is 0 (sklearn's zero_division=0); the maximum only avoids dividing by 0
+        return np.where(true_pos > 0, 2 * true_pos / np.maximum(2 * true_pos + wrong, 1), 0.0)
     if name in ("pearson", "spearman") and resamples.shape[1] >= 2:
         if name == "spearman":  # Spearman = Pearson of average ranks, which is how scipy defines it with ties
             pred, gold = rankdata(pred, axis=1), rankdata(gold, axis=1)

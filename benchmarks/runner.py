@@ -184,7 +184,7 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train: Encoded, pad
         meta = json.loads(meta_path.read_text())
         return {**meta, "checkpoint": key, "from_cache": True}
     stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
-    if train.labels.is_floating_point():  # regression: see center_regression_heads
+    if get_task(job.task).kind == "regression":  # same test as training_context; see center_regression_heads
         center_regression_heads(model, train.labels.mean().item())
     trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
     started = time.perf_counter()

@@ -87,8 +87,9 @@ def center_regression_heads(model: nn.Module, target_mean: float) -> int:
 
     Why: a zero bias makes a 0-5 regression (STS-B) spend its first hundreds of steps moving every head's
     output to the mean score through the pooled weights, and at BERT-recipe learning rates it never gets
-    past that (MiniLM, PABEE, 2,000 STS-B pairs, 2 epochs: Spearman 0.09 from bias 0, 0.78 from bias 2.7 ≈ the mean). HF's
-    regression head starts at zero too; ours does not: a recorded deviation shared by every method."""
+    past that (MiniLM, PABEE, 2,000 STS-B pairs, 2 epochs: Spearman 0.09 from bias 0, 0.78 from bias 2.7,
+    about the mean). HF's regression head starts at zero; ours does not: a recorded deviation, shared by
+    every method."""
     heads = [m for m in model.modules() if isinstance(m, ExitHead) and m.classifier.out_features == 1]
     with torch.no_grad():
         for head in heads:

@@ -50,8 +50,8 @@ def tradeoff_figure(
     Each point is one knob setting averaged over seeds (x and y), with a ±1 std band in y when there
     are several seeds; the grey dashed line is the median over methods of their seed-averaged full-model
     metric (a median because some methods' "full model" is a network trained for something else: HashEE's
-    hashed-exit network forced to full depth scores F1 5-47 on MRPC, where every layer-wise one is near 84). When a task
-    holds several backbones, each (method, backbone) is its own curve. Falls back to the smallest batch
+    hashed-exit network forced to full depth scores F1 5-47 on MRPC, where every layer-wise one is near
+    84). When a task holds several backbones, each (method, backbone) is its own curve. Falls back to the smallest batch
     size present like :func:`eebench.leaderboard.operating_points`.
     """
     if speedup not in SPEEDUPS:
