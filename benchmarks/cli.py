@@ -28,10 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", nargs="+", help="override the suite's methods (a,b or a b)")
     run.add_argument("--tasks", nargs="+", help="override the suite's tasks")
     run.add_argument("--seeds", nargs="+", help="override the suite's seeds")
-    run.add_argument("--backbone", help="minilm (offline default), tiny-bert, a hub name or a local folder")
+    run.add_argument("--backbone", help="encoders: minilm (offline default), tiny-bert; decoders: smollm2 (offline), "
+                                        "tiny-llama; or a hub name / local folder")
     run.add_argument("--pooling", choices=("auto", "cls", "mean"),
                      help="what exit heads read: [CLS] or the token mean; auto = the checkpoint's own (default)")
-    run.add_argument("--data-dir", help="GLUE-layout folder (e.g. ../shared/data/glue); default: the suite's, else the hub")
+    run.add_argument("--data-dir", help="GLUE-layout folder (e.g. ../shared/data/glue) or ../shared/data/generation; "
+                                        "default: the suite's, else the hub")
     run.add_argument("--out", help="results directory (default runs/<suite>)")
     run.add_argument("--train-limit", type=int, help="deterministic subsample of the training split")
     run.add_argument("--eval-limit", type=int, help="deterministic subsample of the dev split")
@@ -195,7 +197,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     from eebench.tasks import get_task, task_names
     rows = []
-    for name in task_names():
+    for name in task_names("all"):
         spec = get_task(name)
         rows.append((name, spec.kind, str(spec.num_labels), ",".join(spec.metric_names), spec.description))
     _print_table(("name", "kind", "labels", "metrics", "description"), rows)

@@ -39,6 +39,22 @@ GLOSSARY: dict[str, str] = {
                         "weighted depth); layer-wise methods: mean_exit_layer.",
     "curve_cost_ratio": "time to evaluate every operating point of a job on dev / time of one full-model pass "
                         "over the same dev set (about 1 when the curve is replayed from one traced pass).",
+    "decoder_flops": "generation, per row: 2 x sum over its generated tokens t of [layers_t x MACs_layer(n_t) + "
+                     "head_evals_t x d V + propagated_t x 2 d g e] + the exit rule's own MACs; MACs_layer(n) = "
+                     "d h e (Q) + 2 d g e (K, V) + h e d (O) + 3 d f (SwiGLU) + 2 n h e (attention over the n "
+                     "real context tokens); propagated_t = L - layers_t for CALM's and the raw propagation, 0 for "
+                     "copying K/V. The prompt's prefill (full depth for every method) is not counted.",
+    "generation speed-ups": "per generated token, because an early-exit output can be shorter or longer than the "
+                            "full model's: saved_layer_speedup = L x T / sum_t layers_t; flops_speedup = (full "
+                            "FLOPs / full tokens) / (method FLOPs / method tokens); wallclock_speedup = "
+                            "tokens_per_second / full-depth tokens_per_second on the same prompts, batch size and "
+                            "process (the clock includes the prefill and all bookkeeping).",
+    "tokens_per_second": "generated tokens / wall-clock seconds of greedy decoding of the timing prompts, prefill "
+                         "included, median over repeats.",
+    "rougeL / consistency_rougeL": "ROUGE-L F (rouge-score, stemmed) of the output against the reference / "
+                                   "against the full model's output for the same prompt (textual consistency).",
+    "token_agreement": "per prompt: positions where the early-exit output has the full model's token / "
+                       "max(len(early), len(full)); mean over prompts.",
     "metric": "the task's primary metric on dev (accuracy, F1, Matthews corr., Spearman), 0-1 scale.",
 }
 
@@ -91,3 +107,26 @@ def token_weighted_speedup(token_layers: np.ndarray, n_tokens: np.ndarray, num_l
 def ratio(full: np.ndarray | float, method: np.ndarray | float) -> float:
     """sum(full) / sum(method): how many times cheaper the method is than the full model."""
     return float(np.sum(full) / np.sum(method))
+
+
+def decoder_layer_macs(context: np.ndarray | float, hidden: int, ffn: int, heads: int, kv_heads: int,
+                       head_dim: int) -> np.ndarray:
+    """MACs of one Llama-family layer for ONE new token attending over `context` real tokens (GQA, SwiGLU)."""
+    n = np.asarray(context, dtype=np.float64)
+    d, attention_width, kv_width = float(hidden), float(heads * head_dim), float(kv_heads * head_dim)
+    return d * attention_width + 2 * d * kv_width + attention_width * d + 3 * d * ffn + 2 * n * attention_width
+
+
+def decoder_row_flops(token_layers: np.ndarray, head_evals: np.ndarray, prompt_tokens: int, rule_macs: float,
+                      info, propagates: bool = True) -> float:
+    """FLOPs of one generated row (see GLOSSARY "decoder_flops"); token_layers / head_evals (T,) per token,
+    `info` a DecoderInfo. Token t (0-based) attends over prompt_tokens + t + 1 real tokens."""
+    layers = np.asarray(token_layers, dtype=np.float64)
+    context = prompt_tokens + np.arange(1, len(layers) + 1)
+    per_layer = decoder_layer_macs(context, info.hidden_size, info.intermediate_size, info.num_heads,
+                                   info.num_kv_heads, info.head_dim)
+    propagated = (info.num_layers - layers) if propagates else np.zeros_like(layers)
+    macs = (layers * per_layer + np.asarray(head_evals, dtype=np.float64) * info.hidden_size * info.vocab_size
+            + propagated * 2 * info.hidden_size * info.kv_size)
+    return float(2.0 * (macs.sum() + rule_macs))
+

@@ -66,7 +66,10 @@ def load_records(results_dir: str | Path) -> pd.DataFrame:
             rows.append(row)
     if not rows:
         return pd.DataFrame(columns=list(REQUIRED_FIELDS))
-    return pd.DataFrame(rows)
+    records = pd.DataFrame(rows)
+    if "curve" in records:  # configurations that are different exit rules (CALM's measures) are their own rows
+        records["method"] = records["curve"].fillna(records["method"])
+    return records
 
 
 def operating_points(records: pd.DataFrame, batch_size: int = 1) -> pd.DataFrame:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
-from eebench.runner import EvalConfig, Job
+from eebench.runner import EvalConfig, GenerationConfig, Job
 from eebench.training import TrainConfig
 
 
@@ -27,11 +27,13 @@ class Suite:
     # own job; they share whatever stages the method caches (`Trainer.cached`) and draw one curve together.
     method_configs: dict[str, tuple[dict, ...]] = field(default_factory=dict)
     selection_examples: int | None = None  # held-out train examples for choosing operating points
+    generation: GenerationConfig | None = None  # generation suites: decoding, LTT tolerances, BERTScore scorer
 
     def jobs(self, device: str = "cpu") -> list[Job]:
         return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, method_config=config,
                     train=self.train, eval=self.eval, data_dir=self.data_dir, train_limit=self.train_limit,
-                    eval_limit=self.eval_limit, device=device, selection_examples=self.selection_examples)
+                    eval_limit=self.eval_limit, device=device, selection_examples=self.selection_examples,
+                    generation=self.generation)
                 for t in self.tasks for m in self.methods for config in self.method_configs.get(m, ({},))
                 for s in self.seeds]
 
@@ -55,6 +57,18 @@ DEEBERT_GRID_20 = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125,
 REAL_SEEDS = (0, 1, 2)
 _GLUE_MINILM = dict(seeds=REAL_SEEDS, data_dir="../shared/data/glue", train_limit=8000, train=TrainConfig(epochs=2, lr=5e-5, batch_size=32),
                     eval=EvalConfig(timing_examples=128))
+
+# CALM's confidence measures and named variants: one job each, all sharing one anytime-fine-tuned checkpoint
+# (the measure is not part of the training signature). The oracle is the local-consistency upper bound.
+CALM_MEASURES = {"calm": ({"confidence": "softmax"}, {"confidence": "saturation"}, {"confidence": "classifier"},
+                          {"confidence": "oracle"}, {"variant": "cee_baseline"})}
+_GENERATION_CPU = dict(
+    methods=("calm",), method_configs=CALM_MEASURES, data_dir="../shared/data/generation", seeds=(0,),
+    # 45 min of anytime fine-tuning on 2 cores: ~1,200 prompt+response pairs of <= 256 tokens, batch 8.
+    train_limit=1200, eval_limit=100, selection_examples=100,
+    train=TrainConfig(epochs=1, lr=1e-4, batch_size=8, max_seq_length=256),
+    eval=EvalConfig(batch_size=8, timing_batch_sizes=(1, 8), timing_examples=16, timing_repeats=2, timing_warmup=1),
+    generation=GenerationConfig(ltt_deltas=(0.1, 0.2), ltt_epsilon=0.05))
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
@@ -92,6 +106,23 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           seeds=REAL_SEEDS, backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32),
           # the released BERT-12 reward variants span alpha 0.01-0.09 per layer
           method_configs={"consistentee": tuple({"alpha": a} for a in (0.01, 0.02, 0.04, 0.08))}),
+    Suite("generation-smollm2", "CALM (softmax, saturation, classifier, oracle, ConsistentEE's variant) on SmolLM2-135M-"
+          "Instruct after anytime fine-tuning: Alpaca, Dolly, CNN/DM from ../shared/data/generation, CPU, LTT at "
+          "delta 0.1 / 0.2.", tasks=("alpaca", "dolly", "cnndm"), backbone="smollm2", **_GENERATION_CPU),
+    Suite("generation-tiny", "CALM on the random tiny Llama, 24 Dolly prompts: the generation path end to end in "
+          "about a minute (numbers mean nothing).", methods=("calm",), tasks=("dolly",), backbone="tiny-llama",
+          data_dir="../shared/data/generation", train_limit=32, eval_limit=12, selection_examples=12,
+          train=TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_seq_length=96),
+          eval=EvalConfig(batch_size=4, timing_batch_sizes=(1, 4), timing_examples=4, timing_repeats=1, timing_warmup=0),
+          generation=GenerationConfig(max_new_tokens=12, bertscore="none", guarantee_draws=50)),
+    Suite("generation-llama2", "The ConsistentEE paper's generation setting: Llama-2-7B from the hub, Alpaca and Dolly, "
+          "CALM's measures, 3 seeds; GPU. The paper fine-tunes with LoRA; eebench's CALM fine-tunes every weight "
+          "(LoRA is not wired yet).",
+          methods=("calm",), method_configs=CALM_MEASURES, tasks=("alpaca", "dolly"), backbone="meta-llama/Llama-2-7b-hf",
+          data_dir="../shared/data/generation", seeds=REAL_SEEDS, eval_limit=500, selection_examples=500,
+          train=TrainConfig(epochs=1, lr=1e-5, batch_size=8, max_seq_length=512),
+          eval=EvalConfig(batch_size=16, timing_batch_sizes=(1, 8), timing_examples=64, timing_repeats=3),
+          generation=GenerationConfig(ltt_deltas=(0.05, 0.1, 0.2))),
 ]}
 
 

@@ -55,6 +55,37 @@ class Encoded:
         """(N,) real token count per example (what the FLOPs counter charges)."""
         return torch.tensor([len(ids) for ids in self.input_ids], dtype=torch.long)
 
+    def collate(self, indices: Sequence[int], pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        return collate(self, indices, pad_id, device)
+
+
+@dataclass
+class LMEncoded:
+    """Causal-LM training examples: prompt + reference response (+ EOS) as one token list each, with the number
+    of prompt tokens, so that the loss covers the response only (labels -100 on the prompt)."""
+
+    input_ids: list[list[int]]
+    prompt_lengths: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def collate(self, indices: Sequence[int], pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Right-padded (B, S_max) input_ids, attention_mask and labels (-100 on prompt and padding), index (B,).
+        Right padding is exact for training: causal attention never lets a real token see later padding."""
+        width = max(len(self.input_ids[i]) for i in indices)
+        ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        labels = torch.full((len(indices), width), -100, dtype=torch.long)
+        for row, i in enumerate(indices):
+            tokens = torch.tensor(self.input_ids[i])
+            n = len(tokens)
+            ids[row, :n], mask[row, :n] = tokens, 1
+            labels[row, self.prompt_lengths[i]:n] = tokens[self.prompt_lengths[i]:]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+                "index": index.to(device)}
+
 
 def encode(examples: Sequence[Example], tokenizer, max_seq_length: int, regression: bool) -> Encoded:
     firsts = [e.text_a for e in examples]
@@ -91,7 +122,7 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = N
 class LoopTrainer:
     """The runner's implementation of `eebench.methods.Trainer`."""
 
-    def __init__(self, model: nn.Module, data: Encoded, config: TrainConfig, seed: int, pad_id: int,
+    def __init__(self, model: nn.Module, data: Encoded | LMEncoded, config: TrainConfig, seed: int, pad_id: int,
                  device: torch.device | str, progress: bool = True, stage_cache: StageCache | None = None):
         self.model, self.data, self.config, self.seed = model, data, config, seed
         self.pad_id, self.device, self.progress = pad_id, device, progress
@@ -118,7 +149,7 @@ class LoopTrainer:
         if shuffle and generator is None:
             generator = torch.Generator().manual_seed(self.seed)
         for indices in batch_indices(len(self.data), self.config.batch_size, generator if shuffle else None):
-            yield collate(self.data, indices, self.pad_id, self.device)
+            yield self.data.collate(indices, self.pad_id, self.device)
 
     def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[dict], torch.Tensor], *,
               stage: str, epochs: float | None = None, lr: float | None = None) -> dict[str, float | str]:

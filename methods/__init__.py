@@ -5,6 +5,7 @@ from eebench.methods.protocol import (
     EarlyExitMethod,
     ExitOutput,
     Knob,
+    PromptBatch,
     ProtocolError,
     Trainer,
     check_exit_output,
@@ -20,7 +21,7 @@ from eebench.methods.registry import (
 )
 
 __all__ = [
-    "Batch", "EarlyExitMethod", "ExitOutput", "Knob", "ProtocolError", "Trainer", "check_exit_output",
+    "Batch", "EarlyExitMethod", "ExitOutput", "Knob", "PromptBatch", "ProtocolError", "Trainer", "check_exit_output",
     "check_method_class", "DuplicateMethodError", "UnknownMethodError", "build_method", "get_method_class",
     "list_methods", "method_names",
 ]

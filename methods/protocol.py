@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # only for type checkers: keeps `import eebench.methods` ligh
     from eebench.tasks import TaskSpec
 
 Granularity = Literal["layer", "token"]
-TaskKind = Literal["classification", "regression"]
+TaskKind = Literal["classification", "regression", "generation"]
+TASK_KINDS = ("classification", "regression", "generation")
 Knob = dict[str, float]
 """One operating point of a method, e.g. ``{"entropy_threshold": 0.3}``; ``None`` means the full model."""
 Batch = Mapping[str, torch.Tensor]
@@ -51,6 +52,17 @@ class ExitOutput:
     key_layers: torch.Tensor | None = None
     """(B, S) layers in which each token served as a key/value, when that differs from the convention above
     (TR-BERT: a dropped token leaves attention entirely, so key_layers = token_layers)."""
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts for a decoder method's `generate`: input_ids / attention_mask (B, S), the decoding
+    limits (`eebench.methods.decoding.DecodeLimits`) and each prompt's position in its split (`index`, (B,))."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    limits: Any
+    index: torch.Tensor
 
 
 class Trainer(Protocol):
@@ -116,17 +128,27 @@ class EarlyExitMethod(Protocol):
         same signature on the same job settings share one cached fine-tuned checkpoint."""
         ...
 
+    # Generation (decoder) methods list "generation" in task_kinds and implement, instead of `predict`:
+    #   ``generate(batch: PromptBatch, knob: Knob | None) -> eebench.methods.decoding.GenerationOutput``
+    # (greedy decoding at one operating point, per-sequence exits, per-token costs counted by the shared
+    # `eebench.methods.decoding.decode`; knob None = full depth, which must equal `model.generate`). Their
+    # training batches are causal-LM batches: input_ids, attention_mask (B, S) and labels (B, S) with -100 on
+    # prompt and padding tokens (the loss covers the reference response only).
     # Optional: ``exit_rule(knob) -> ExitRule | None`` (None = the full model), for layer-wise methods whose
     # model is a `MultiExitModel` and whose exits depend only on per-layer head outputs. The runner then
     # evaluates the whole knob grid from one traced full pass (`MultiExitModel.trace` / `replay`) instead of
     # one pass per knob; `predict` stays the online path that wall-clock timing measures. Methods that
     # cannot be traced (token-wise, generation) simply do not define it.
+    # Optional: ``curve_name() -> str``, the name leaderboards and plots show for this configuration (default:
+    # the registry name). For configurations that are different exit rules on one checkpoint (CALM's confidence
+    # measures), so that each draws its own curve; a training-time sweep (ConsistentEE's alpha) keeps one.
     # Optional: ``annotate(batch) -> dict[str, Tensor]`` returns per-example (B,) analysis columns (e.g.
     # ConsistentEE's memorized layer) that the runner stores beside each dev example's exit layer.
 
 
 PROTOCOL_ATTRIBUTES = ("name", "granularity", "task_kinds", "knob_names")
-PROTOCOL_METHODS = {"attach": 2, "fit": 1, "knobs": 2, "predict": 2, "training_signature": 0}
+PROTOCOL_METHODS = {"attach": 2, "fit": 1, "knobs": 2, "training_signature": 0}
+KIND_METHODS = {"classification": ("predict", 2), "regression": ("predict", 2), "generation": ("generate", 2)}
 
 
 class ProtocolError(TypeError):
@@ -141,7 +163,13 @@ def check_method_class(candidate: Any, origin: str = "") -> None:
         raise ProtocolError(f"{label}{where} is not a class: an eebench method plugin must point its entry "
                             "point at a class implementing eebench.methods.EarlyExitMethod")
     problems = [f"missing class attribute '{a}'" for a in PROTOCOL_ATTRIBUTES if not hasattr(candidate, a)]
-    for member, arity in PROTOCOL_METHODS.items():
+    kinds = getattr(candidate, "task_kinds", frozenset())
+    members = dict(PROTOCOL_METHODS)
+    known = [k for k in (kinds if isinstance(kinds, (set, frozenset, tuple, list)) else ()) if k in KIND_METHODS]
+    for kind in known or ["classification"]:  # no (valid) task_kinds: judge it as a classification method
+        member, arity = KIND_METHODS[kind]
+        members[member] = arity
+    for member, arity in members.items():
         function = getattr(candidate, member, None)
         if not callable(function):
             problems.append(f"missing method '{member}'")
@@ -154,9 +182,8 @@ def check_method_class(candidate: Any, origin: str = "") -> None:
                             f"it takes ({', '.join(p.name for p in params)})")
     if hasattr(candidate, "granularity") and candidate.granularity not in ("layer", "token"):
         problems.append(f"granularity must be 'layer' or 'token', not {candidate.granularity!r}")
-    kinds = getattr(candidate, "task_kinds", frozenset())
-    if hasattr(candidate, "task_kinds") and (not kinds or not set(kinds) <= {"classification", "regression"}):
-        problems.append(f"task_kinds must be a non-empty subset of {{'classification', 'regression'}}, not {kinds!r}")
+    if hasattr(candidate, "task_kinds") and (not kinds or not set(kinds) <= set(TASK_KINDS)):
+        problems.append(f"task_kinds must be a non-empty subset of {set(TASK_KINDS)}, not {kinds!r}")
     if hasattr(candidate, "name") and (not isinstance(candidate.name, str) or not candidate.name):
         problems.append("name must be a non-empty string")
     if problems:

@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "eebench.methods"
 
 BUILTIN_METHODS: dict[str, str] = {
     "berxit": "eebench.methods.berxit:BERxiT",
+    "calm": "eebench.methods.calm:CALM",
     "consistentee": "eebench.methods.consistentee:ConsistentEE",
     "deebert": "eebench.methods.deebert:DeeBERT",
     "hashee": "eebench.methods.hashee:HashEE",

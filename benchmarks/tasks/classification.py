@@ -1,8 +1,11 @@
-"""Task registry and data loaders.
+"""Classification and regression tasks (GLUE, M-CID, StackOverflow, graded): specs and data loaders.
 
 A task is a :class:`TaskSpec` (what the labels are, which metrics to report, where the data lives).
-:func:`load_split` turns a spec plus a split name ("train" or "dev") into a :class:`TaskData`, a list of
-:class:`Example` rows with integer class ids (classification) or float targets (regression).
+:func:`load_classification_split` turns a spec plus a split name ("train" or "dev") into a :class:`TaskData`,
+a list of :class:`Example` rows with integer class ids (classification) or float targets (regression).
+The registry over these and the generation tasks (``get_task``, ``load_split``, ...) is :mod:`eebench.tasks`.
+The types both kinds share (:class:`TaskData`, the errors, :class:`TaskSpecLike`) live here, where they
+always have, and are re-exported from there.
 
 Where the data comes from, in this order:
 
@@ -18,7 +21,6 @@ Every data problem raises a :class:`TaskError` whose message names the problem a
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import math
 import random
@@ -26,7 +28,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:  # generation imports this module; only type checkers look the other way
+    from .generation import GenerationExample, GenerationTaskSpec
 
 TaskKind = Literal["classification", "regression"]
 Split = Literal["train", "dev"]
@@ -105,13 +110,36 @@ class Example:
     difficulty: int | None = None  # known graded difficulty (the generated task only)
 
 
+class TaskSpecLike(Protocol):
+    """What every task spec offers, whatever its kind (:class:`TaskSpec` and ``GenerationTaskSpec``):
+    what ``eebench tasks``, the runner and the leaderboard read without caring which kind it is."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "classification", "regression" or "generation"
+    @property
+    def metric_names(self) -> tuple[str, ...]: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+    @property
+    def primary_metric(self) -> str: ...
+    @property
+    def num_labels(self) -> int: ...  # 0 for generation: no label head
+
+
 @dataclass
 class TaskData:
-    """The examples of one split of one task, plus where they came from (a path, ``hub:...`` or ``generated:...``)."""
+    """The examples of one split of one task, plus where they came from (a path, ``hub:...`` or ``generated:...``).
 
-    spec: TaskSpec
+    ``examples`` are :class:`Example` rows for classification/regression specs and ``GenerationExample`` rows
+    for generation specs."""
+
+    spec: TaskSpec | GenerationTaskSpec
     split: str
-    examples: list[Example]
+    examples: list[Example] | list[GenerationExample]
     source: str
 
     def __len__(self) -> int:
@@ -152,7 +180,7 @@ def _glue(name: str, labels: tuple[str, ...], metrics: tuple[str, ...], text_fie
                     description=description, folder=folder, tsv_columns=tsv_columns, **kw)
 
 
-_SPECS: tuple[TaskSpec, ...] = (
+CLASSIFICATION_SPECS: tuple[TaskSpec, ...] = (
     _glue("sst2", _BINARY, ("accuracy",), ("sentence",), "SST-2 binary movie-review sentiment (0=negative, 1=positive)",
           "SST-2", ("sentence", "label")),
     _glue("mrpc", _BINARY, ("f1", "accuracy"), ("sentence1", "sentence2"),
@@ -183,7 +211,6 @@ _SPECS: tuple[TaskSpec, ...] = (
     TaskSpec("graded", "classification", ("negative", "positive"), ("accuracy",), ("sentence",),
              "Generated binary sentiment with known difficulty 0-3 (offline default; no data needed)"),
 )
-_REGISTRY: dict[str, TaskSpec] = {s.name: s for s in _SPECS}
 
 
 def _key(name: str) -> str:
@@ -191,45 +218,20 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-_LOOKUP: dict[str, str] = {}
-for _s in _SPECS:
-    for _n in (_s.name, *_s.aliases):
-        _LOOKUP[_key(_n)] = _s.name
-
-
-def task_names() -> list[str]:
-    """Registered task names, in registry order."""
-    return list(_REGISTRY)
-
-
-def get_task(name: str) -> TaskSpec:
-    """The spec registered under ``name`` (case-insensitive; aliases such as 'SST-2', 'STS-B', 'mnli_matched')."""
-    canonical = _LOOKUP.get(_key(name))
-    if canonical is not None:
-        return _REGISTRY[canonical]
-    close = difflib.get_close_matches(name.lower(), [*_REGISTRY, *(a for s in _SPECS for a in s.aliases)],
-                                      n=1, cutoff=0.5)
-    hint = f"; did you mean '{_REGISTRY[_LOOKUP[_key(close[0])]].name}'?" if close else "."
-    raise UnknownTaskError(f"unknown task '{name}'{hint} Known tasks: {', '.join(_REGISTRY)}. "
-                           "Fix: pass one of these names (case-insensitive; 'SST-2', 'STS-B', 'mnli_matched' also work).")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_split(spec: TaskSpec | str, split: str, data_dir: str | Path | None = None,
-               limit: int | None = None, seed: int = 0) -> TaskData:
-    """Load one split ("train" or "dev"; "validation" is accepted for "dev") of a task.
+def load_classification_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None,
+                              limit: int | None = None, seed: int = 0) -> TaskData:
+    """Load one split ("train" or "dev"; "validation" is accepted for "dev") of a classification/regression task.
 
     ``limit`` keeps a deterministic random subset of ``limit`` examples (chosen with ``random.Random(seed)``)
     in their original file order; ``limit >= len`` keeps everything. The graded task ignores ``data_dir``.
+    Use :func:`eebench.tasks.load_split`, which also takes a name and generation tasks.
     """
-    if isinstance(spec, str):
-        spec = get_task(spec)
     split_ = _normalise_split(spec, split)
-    if limit is not None and limit <= 0:
-        raise TaskError(f"limit must be a positive number of examples, got {limit}. Fix: pass limit >= 1 or None (all).")
+    _check_limit(limit)
 
     if spec.name == "graded":
         examples, source = _load_graded(split_)
@@ -246,7 +248,12 @@ def load_split(spec: TaskSpec | str, split: str, data_dir: str | Path | None = N
     return TaskData(spec=spec, split=split_, examples=_subsample(examples, limit, seed), source=source)
 
 
-def _normalise_split(spec: TaskSpec, split: str) -> Split:
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit <= 0:
+        raise TaskError(f"limit must be a positive number of examples, got {limit}. Fix: pass limit >= 1 or None (all).")
+
+
+def _normalise_split(spec: TaskSpecLike, split: str) -> Split:
     s = split.strip().lower()
     if s == "train":
         return "train"
@@ -262,43 +269,12 @@ def _subsample_indices(size: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(size), limit))  # sorted: keep file order
 
 
-def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+def _subsample(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
     return [examples[i] for i in _subsample_indices(len(examples), limit, seed)]
 
 
-def train_and_selection(spec: TaskSpec | str, data_dir: str | Path | None, train_limit: int | None,
-                        selection_examples: int, seed: int = 0) -> tuple[TaskData, TaskData, bool]:
-    """The training examples and a disjoint held-out SELECTION set from the train split, on which operating
-    points are chosen (so no reported dev number is tuned on dev).
-
-    The training examples are exactly ``load_split(spec, "train", data_dir, train_limit, seed)`` whenever the
-    split has ``selection_examples`` examples left over (e.g. SST-2 capped at 8,000 of 67k): the selection set
-    is then drawn from the rest. Otherwise (MRPC, RTE) the selection set is carved out of the split first and
-    training uses what remains, so training differs; the third value says so (True = carved)."""
-    whole = load_split(spec, "train", data_dir, None, seed)
-    size = len(whole.examples)
-    if not 0 < selection_examples < size:
-        raise TaskError(f"selection_examples must be in 1..{size - 1} for '{whole.spec.name}' (its train split has "
-                        f"{size} examples), got {selection_examples}")
-    train_ids = _subsample_indices(size, train_limit, seed)
-    rest = sorted(set(range(size)) - set(train_ids))
-    draw = random.Random(seed + 1)  # a different stream from the training subsample's
-    carved = len(rest) < selection_examples
-    if carved:
-        selection_ids = sorted(draw.sample(range(size), selection_examples))
-        taken = set(selection_ids)
-        remaining = [i for i in range(size) if i not in taken]
-        train_ids = [remaining[i] for i in _subsample_indices(len(remaining), train_limit, seed)]
-    else:
-        selection_ids = sorted(draw.sample(rest, selection_examples))
-    pick = whole.examples.__getitem__
-    return (TaskData(whole.spec, "train", [pick(i) for i in train_ids], whole.source),
-            TaskData(whole.spec, "train", [pick(i) for i in selection_ids], whole.source + " (held-out selection)"),
-            carved)
-
-
 def _load_graded(split: Split) -> tuple[list[Example], str]:
-    from .graded import generate_graded_split  # local import: graded imports Example from here
+    from ..graded import generate_graded_split  # local import: graded imports Example from eebench.tasks
 
     return generate_graded_split(split, GRADED_SEED, GRADED_SIZES), f"generated:graded(seed={GRADED_SEED},split={split})"
 

@@ -1,4 +1,4 @@
-"""Task metrics, computed with scikit-learn / scipy (no hand-written formulas).
+"""Classification and regression metrics, computed with scikit-learn / scipy (no hand-written formulas).
 
 Accuracy and F1 are fractions in [0, 1]; MCC, Pearson and Spearman are correlations in [-1, 1].
 Classification predictions and labels are class ids, shape (N,); regression ones are floats, shape (N,).
@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import pearsonr, rankdata, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .tasks import TaskSpec
+from ..tasks import TaskSpec
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "accuracy": "fraction of exact class matches, mean(pred == label); sklearn.metrics.accuracy_score",

@@ -1,4 +1,4 @@
-"""Encoders run one layer at a time, so that an early-exit method can really stop.
+"""Encoders (BERT-style) run one layer at a time, so that an early-exit method can really stop.
 
 `output_hidden_states=True` would compute every layer and only *pretend* to exit; here the runner calls
 `embed` once and then `layer(i, ...)` for i = 1..L, and whatever is not called is not computed.
@@ -105,7 +105,7 @@ class EncoderBackbone(nn.Module):
             raise BackboneError(
                 f"backbone '{name}' ({type(model).__name__}, model_type={self.model_type}) has no "
                 "`encoder.layer` list: eebench steps BERT-style encoders (BERT, RoBERTa, ELECTRA, XLM-R) and "
-                "ALBERT. Use one of those, or add an adapter in eebench/backbones.py.")
+                "ALBERT. Use one of those, or add an adapter in eebench/backbones/encoder.py.")
         # Early-exit heads start from the pre-trained pooler (DeeBERT, PABEE); encoders without one
         # (e.g. ELECTRA) get a freshly initialised dense+tanh pooler.
         self.pooler = VectorPooler(_pretrained_pooler_dense(model) or _new_dense(config.hidden_size, config.initializer_range))
@@ -256,7 +256,7 @@ def checkpoint_pooling(folder: str | Path) -> str:
     return "cls"
 
 
-def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype = torch.float32,
+def load_encoder(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype = torch.float32,
                   pooling: str = "auto") -> EncoderBackbone:
     """Load a backbone by name (see module docstring). `seed` only matters for the random tiny configs.
     pooling "auto" takes the checkpoint's own ("mean" for the sentence-transformers MiniLM, else "cls")."""
@@ -283,7 +283,3 @@ def load_backbone(name: str = OFFLINE_DEFAULT, seed: int = 0, dtype: torch.dtype
     if pooling == "auto":
         pooling = checkpoint_pooling(source) if Path(source).is_dir() else "cls"
     return EncoderBackbone(name, model, tokenizer, pooling)
-
-
-def backbone_names() -> list[str]:
-    return [OFFLINE_DEFAULT, *TINY_CONFIGS]

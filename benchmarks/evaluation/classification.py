@@ -1,0 +1,211 @@
+"""Evaluation of classification and regression jobs: the whole knob grid on dev, wall-clock, records.
+
+Quality uses every dev example; traceable layer-wise methods replay every knob from one traced pass. Wall-clock
+runs the online `predict` path on the first `timing_examples` dev examples, at each timing batch size.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from eebench import costs
+from eebench.methods import check_exit_output
+from eebench.methods.exits import MultiExitModel, center_regression_heads
+from eebench.methods.protocol import ProtocolError
+from eebench.metrics import compute_metrics, predictions_from_logits
+from eebench.timing import clock_for, interleaved_medians
+from eebench.training import Encoded, batch_indices, collate, encode
+
+
+def knob_label(knob: dict | None) -> str:
+    return "full model" if knob is None else ", ".join(f"{k}={v}" for k, v in knob.items())
+
+
+class ClassificationEvaluator:
+    """Classification and regression tasks on encoder backbones."""
+
+    kinds = ("classification", "regression")
+    backbone_kind = "encoder"
+
+    def encode_train(self, examples, backbone, job, spec) -> Encoded:
+        return encode(examples, backbone.tokenizer, job.train.max_seq_length, spec.kind == "regression")
+
+    def before_training(self, model: torch.nn.Module, train: Encoded, spec) -> None:
+        if spec.kind == "regression":  # heads start at the mean target; see center_regression_heads
+            center_regression_heads(model, train.labels.mean().item())
+
+    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool
+                 ) -> tuple[list[dict], pd.DataFrame]:
+        return evaluate_classification(job, spec, method, model, backbone, data, base, progress)
+
+
+def _predict_all(method, data: Encoded, knob, batch_size: int, pad_id: int, device, num_layers: int) -> dict:
+    """Run `method.predict` over all of `data`; returns per-example numpy arrays in data order."""
+    logits, exits, head_macs, queries, keys = [], [], [], [], []
+    for indices in batch_indices(len(data), batch_size):
+        batch = collate(data, indices, pad_id, device)
+        out = method.predict(batch, knob)
+        check_exit_output(out, len(indices), num_layers)
+        logits.append(out.logits.float().cpu())
+        exits.append(out.exit_layer.cpu())
+        head_macs.append(out.head_macs.double().cpu())
+        if out.token_layers is not None:  # token-wise: tokens updated per layer, (B, L); rows are ragged in S
+            queries.append(torch.from_numpy(costs.token_layer_counts(out.token_layers.cpu().numpy(), num_layers)))
+            if out.key_layers is not None:
+                keys.append(torch.from_numpy(costs.token_layer_counts(out.key_layers.cpu().numpy(), num_layers)))
+    result = {"logits": torch.cat(logits).numpy(), "exit_layer": torch.cat(exits).numpy(),
+              "head_macs": torch.cat(head_macs).numpy()}
+    if queries:
+        if len(queries) != len(logits):
+            raise ProtocolError("predict() returned token_layers for some batches and not others at one knob")
+        result["queries"] = torch.cat(queries).numpy()
+        if keys:
+            result["keys"] = torch.cat(keys).numpy()
+    return result
+
+
+def is_traceable(method, model) -> bool:
+    """Layer-wise methods that expose `exit_rule(knob)` on a `MultiExitModel` are evaluated from traces."""
+    return isinstance(model, MultiExitModel) and callable(getattr(method, "exit_rule", None))
+
+
+def _evaluate_points(method, model, data: Encoded, points: list, batch_size: int, pad_id: int, device,
+                     num_layers: int, progress: bool, desc: str) -> tuple[dict, str]:
+    """Per-example outputs of every operating point -> ({knob label: arrays}, "trace" | "online").
+
+    Traceable methods: ONE full pass per batch records every head, then each knob's rule is replayed on the
+    recording (`MultiExitModel.replay`), so a 20-point curve costs about one full-model evaluation. Others:
+    one `predict` pass per knob."""
+    if not is_traceable(method, model):
+        return {knob_label(knob): _predict_all(method, data, knob, batch_size, pad_id, device, num_layers)
+                for knob in tqdm(points, desc=desc, disable=not progress, leave=False)}, "online"
+    parts: dict[str, dict[str, list]] = {knob_label(k): {"logits": [], "exit_layer": [], "head_macs": []} for k in points}
+    for indices in tqdm(batch_indices(len(data), batch_size), desc=f"{desc} (one traced pass)", disable=not progress,
+                        leave=False):
+        trace = model.trace(collate(data, indices, pad_id, device))
+        for knob in points:
+            out = model.replay(trace, None if knob is None else method.exit_rule(knob))
+            check_exit_output(out, len(indices), num_layers)
+            part = parts[knob_label(knob)]
+            part["logits"].append(out.logits.float().cpu())
+            part["exit_layer"].append(out.exit_layer.cpu())
+            part["head_macs"].append(out.head_macs.double().cpu())
+    return {label: {key: torch.cat(values).numpy() for key, values in part.items()}
+            for label, part in parts.items()}, "trace"
+
+
+def _annotate(method, data: Encoded, batch_size: int, pad_id: int, device) -> dict[str, np.ndarray]:
+    """The method's optional per-example analysis columns (`annotate`), in data order; {} when it has none."""
+    annotate = getattr(method, "annotate", None)
+    if not callable(annotate):
+        return {}
+    columns: dict[str, list[torch.Tensor]] = {}
+    for indices in batch_indices(len(data), batch_size):
+        for name, values in annotate(collate(data, indices, pad_id, device)).items():
+            if values.shape != (len(indices),):
+                raise ProtocolError(f"annotate() column '{name}' has shape {tuple(values.shape)}, expected ({len(indices)},)")
+            columns.setdefault(name, []).append(values.detach().cpu())
+    return {name: torch.cat(parts).numpy() for name, parts in columns.items()}
+
+
+def _time_points(method, dev: Encoded, points, eval_config, pad_id: int, device, progress: bool) -> dict:
+    """{batch_size: {knob label: median seconds to run the timing examples}}."""
+    n = min(eval_config.timing_examples, len(dev))
+    clock = clock_for(device)
+    result = {}
+    for batch_size in eval_config.timing_batch_sizes:
+        # Collate once, outside the timed region: tokenisation and padding are not what is measured.
+        batches = [collate(dev, indices, pad_id, device) for indices in batch_indices(n, batch_size)]
+
+        def runner(knob, batches=batches):
+            return lambda: [method.predict(batch, knob) for batch in batches]
+
+        candidates = {knob_label(knob): runner(knob) for knob in points}
+        if progress:
+            tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} examples")
+        result[batch_size] = interleaved_medians(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup)
+    return result
+
+
+
+
+def evaluate_classification(job, spec, method, model, backbone, data, base: dict, progress: bool
+                            ) -> tuple[list[dict], pd.DataFrame]:
+    """Every knob on dev (and on the held-out selection set when there is one), timing, records."""
+    device = torch.device(job.device)
+    tokenizer, regression = backbone.tokenizer, spec.kind == "regression"
+    pad_id = tokenizer.pad_token_id
+    dev = encode(data.dev.examples, tokenizer, job.train.max_seq_length, regression)
+    num_layers = backbone.num_layers
+    info = backbone.info
+    lengths = dev.lengths().numpy()
+    labels = dev.labels.numpy()
+    full_flops = costs.layerwise_flops(np.full(len(dev), num_layers), lengths, np.zeros(len(dev)),
+                                       num_layers, info.hidden_size, info.intermediate_size)
+    knobs = method.knobs(spec, num_layers)
+    points: list[dict | None] = [None, *knobs]
+    with torch.inference_mode():
+        started = time.perf_counter()
+        outputs, evaluation = _evaluate_points(method, model, dev, points, job.eval.batch_size, pad_id, device,
+                                               num_layers, progress, f"evaluate {job.method}/{job.task}")
+        eval_seconds = time.perf_counter() - started
+        # What one full-model pass over the same dev set costs, so the curve's evaluation cost is a ratio.
+        started = time.perf_counter()
+        _predict_all(method, dev, None, job.eval.batch_size, pad_id, device, num_layers)
+        full_eval_seconds = time.perf_counter() - started
+        full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
+        timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
+        annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
+        selection = {}
+        if data.selection is not None:  # the same knobs on the held-out selection set, for choosing points
+            held_out = encode(data.selection.examples, tokenizer, job.train.max_seq_length, regression)
+            selection, _ = _evaluate_points(method, model, held_out, points, job.eval.batch_size, pad_id, device,
+                                            num_layers, progress, f"select {job.method}/{job.task}")
+
+    base = {**base, "pooling": backbone.pooling, "evaluation": evaluation, "eval_seconds": eval_seconds,
+            "curve_cost_ratio": eval_seconds / full_eval_seconds, "n_points": len(points)}
+    records, example_rows = [], []
+    for knob in points:
+        label = knob_label(knob)
+        out = outputs[label]
+        predictions = predictions_from_logits(spec, out["logits"])
+        metrics = compute_metrics(spec, predictions, labels)
+        timed = min(job.eval.timing_examples, len(dev))  # wall-clock runs on dev[:timed]
+        if "queries" in out:  # token-wise: q tokens updated per layer, all real tokens as keys (ExitOutput doc)
+            keys = out["keys"] if "keys" in out else costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
+            flops = costs.example_flops(out["queries"], keys, out["head_macs"], info.hidden_size, info.intermediate_size)
+            saved = float(num_layers * lengths.sum() / out["queries"].sum())
+            timed_saved = float(num_layers * lengths[:timed].sum() / out["queries"][:timed].sum())
+        else:
+            flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
+                                          info.hidden_size, info.intermediate_size)
+            saved = costs.saved_layer_speedup(out["exit_layer"], num_layers)
+            timed_saved = costs.saved_layer_speedup(out["exit_layer"][:timed], num_layers)
+        point = {"knob": knob or {}, "knob_label": label, "is_full_model": knob is None,
+                 "metric": metrics[spec.primary_metric], "metrics": metrics,
+                 "mean_exit_layer": float(out["exit_layer"].mean()),
+                 "mean_token_layer": float(out["queries"].sum() / lengths.sum()) if "queries" in out
+                 else float(out["exit_layer"].mean()),
+                 "saved_layer_speedup": saved, "timed_saved_layer_speedup": timed_saved,
+                 "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
+        if selection:
+            held_out_predictions = predictions_from_logits(spec, selection[label]["logits"])
+            point["selection_metric"] = compute_metrics(spec, held_out_predictions, held_out.labels.numpy())[spec.primary_metric]
+            point["selection_saved_layer_speedup"] = costs.saved_layer_speedup(selection[label]["exit_layer"], num_layers)
+        for batch_size, seconds in timings.items():
+            records.append({**base, **point, "batch_size": batch_size,
+                            "wallclock_speedup": seconds["full model"] / seconds[label],
+                            "wallclock_seconds": seconds[label], "full_wallclock_seconds": seconds["full model"],
+                            "n_timed_examples": min(job.eval.timing_examples, len(dev))})
+        example_rows.append(pd.DataFrame({
+            "job_id": job.job_id, "knob_label": label, "example": np.arange(len(dev)),
+            "exit_layer": out["exit_layer"], "prediction": predictions, "label": labels, "n_tokens": lengths,
+            "mean_token_layer": out["queries"].sum(1) / lengths if "queries" in out else out["exit_layer"].astype(float),
+            "difficulty": [e.difficulty if e.difficulty is not None else -1 for e in data.dev.examples],
+            **annotations}))
+    return records, pd.concat(example_rows, ignore_index=True)
