@@ -26,7 +26,8 @@ def _batch(backbone, prompts):
 
 def _generate(backbone, ids, mask, n):
     with torch.no_grad():
-        out = backbone.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+        # eos id -1: generate runs n tokens without stopping and without forbidding EOS (min_new_tokens would)
+        out = backbone.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, eos_token_id=-1,
                                       do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
     return out[:, ids.shape[1]:].tolist()
 

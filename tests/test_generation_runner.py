@@ -100,3 +100,18 @@ def test_rerun_skips_and_backbone_kind_mismatch_fails_before_work(store, tmp_pat
     with pytest.raises(ValueError, match="need an encoder"):
         run_jobs([Job(method="pabee", task="graded", seed=0, backbone="tiny-llama")], tmp_path, progress=False,
                  log=lambda _: None)
+
+
+def test_leaderboard_points_and_figures_read_generation_results(store):
+    from eebench.leaderboard import leaderboard, load_records, points_table, to_markdown
+    from eebench.plots.curves import write_figures
+
+    out, _, _ = store
+    records = load_records(out)
+    assert set(records["method"]) == {"calm[saturation]", "calm[softmax]"}  # one curve per confidence measure
+    board = leaderboard(records)
+    assert set(board["method"]) == {"calm[saturation]", "calm[softmax]"}
+    assert "calm[softmax]" in to_markdown(board)
+    assert len(points_table(records))
+    paths = write_figures(out, speedups=("saved_layer_speedup", "wallclock_speedup"), formats=("png",))
+    assert any(p.name == "dolly_saved_layer_speedup.png" for p in paths)

@@ -64,18 +64,19 @@ class DecoderInfo:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: L tensors (B, g, S_max, e) each, filled column by column.
+    """Preallocated keys and values of every layer, (L, B, g, S_max, e) each, filled column by column;
+    `keys[i]` is layer i+1's (B, g, S_max, e) view. One tensor for all layers lets propagation write every
+    skipped layer of a row in one indexed copy.
 
     `key_mask` (B, S_max) marks the columns each row may attend to (its real prompt tokens and generated
-    tokens); `length` is the number of columns in use (all rows share columns: prompts are left-padded)."""
+    tokens); all rows share columns (prompts are left-padded)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, batch, kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
-        self.length = 0
 
 
 class DecoderBackbone(nn.Module):
@@ -207,17 +208,14 @@ class DecoderBackbone(nn.Module):
         last = self.num_layers
         if exit_layer >= last:
             return
-        if mode == "copy":
-            keys = cache.keys[exit_layer - 1][rows, :, column:column + 1]
-            values = cache.values[exit_layer - 1][rows, :, column:column + 1]
-            for index in range(exit_layer + 1, last + 1):
-                cache.keys[index - 1][rows, :, column:column + 1] = keys
-                cache.values[index - 1][rows, :, column:column + 1] = values
+        if mode == "copy":  # layers exit+1..L (indices exit..L-1) take the exit layer's (index exit-1) column
+            cache.keys[exit_layer:, rows, :, column] = cache.keys[exit_layer - 1, rows, :, column]
+            cache.values[exit_layer:, rows, :, column] = cache.values[exit_layer - 1, rows, :, column]
             return
         if mode == "calm" and fused is not None:
-            for index, (keys, values) in fused.key_values(state, exit_layer, cos, sin):
-                cache.keys[index - 1][rows, :, column:column + 1] = keys
-                cache.values[index - 1][rows, :, column:column + 1] = values
+            keys, values = fused.key_values(state, exit_layer, cos, sin)  # (L - exit, b, g, e) each
+            cache.keys[exit_layer:, rows, :, column] = keys
+            cache.values[exit_layer:, rows, :, column] = values
             return
         if mode not in PROPAGATIONS:
             raise DecoderBackboneError(f"unknown propagation '{mode}'; choose one of {PROPAGATIONS}")
@@ -266,21 +264,21 @@ class FusedKV:
         self.weight = torch.cat(rows).detach()  # (L * 2 * kv, d)
         self.kv = backbone.info.kv_size
 
-    def key_values(self, state: torch.Tensor, exit_layer: int, cos: torch.Tensor, sin: torch.Tensor):
-        """Yield (layer, (keys, values)) for layers exit_layer+1..L; state (b, 1, d), keys (b, g, 1, e)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def key_values(self, state: torch.Tensor, exit_layer: int, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (L - exit_layer, b, g, e) of layers exit_layer+1..L for exited states (b, 1, d),
+        keys rotated at the tokens' positions (cos, sin (b, 1, e): one rotary for all layers). A handful of ops
+        whatever the number of skipped layers: per-layer ops were what kept batched exits from realising
+        their FLOPs."""
+        from transformers.models.llama.modeling_llama import rotate_half
         info = self.backbone.info
-        normed = state * torch.rsqrt(state.pow(2).mean(-1, keepdim=True) + self.eps)
-        width = 2 * self.kv
-        block = self.weight[exit_layer * width:]
-        projected = normed @ block.T  # (b, 1, (L - exit) * 2kv)
-        size = state.shape[0]
-        for offset, index in enumerate(range(exit_layer + 1, info.num_layers + 1)):
-            chunk = projected[..., offset * width:(offset + 1) * width]
-            keys = chunk[..., :self.kv].view(size, 1, -1, info.head_dim).transpose(1, 2)
-            values = chunk[..., self.kv:].view(size, 1, -1, info.head_dim).transpose(1, 2)
-            keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
-            yield index, (keys, values)
+        normed = state[:, 0] * torch.rsqrt(state[:, 0].pow(2).mean(-1, keepdim=True) + self.eps)  # (b, d)
+        block = self.weight[exit_layer * 2 * self.kv:]
+        projected = (normed @ block.T).view(len(state), -1, 2, info.num_kv_heads, info.head_dim)
+        keys, values = projected[:, :, 0], projected[:, :, 1]  # (b, n, g, e)
+        cos, sin = cos[:, None], sin[:, None]  # (b, 1, 1, e)
+        keys = keys * cos + rotate_half(keys) * sin
+        return keys.transpose(0, 1), values.transpose(0, 1)
 
 
 def causal_bias(query_mask: torch.Tensor, key_mask: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:

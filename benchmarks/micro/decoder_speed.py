@@ -16,6 +16,7 @@ means the clock is not measuring what the FLOPs say (noise, or another job on th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
@@ -52,7 +53,13 @@ def main() -> None:
     prompts = encode_prompts(dev.examples, backbone.tokenizer)
     pad = backbone.tokenizer.pad_token_id
     # No stop token: every row generates exactly --new-tokens, so every candidate does the same amount of work.
+    # For generate: eos id -1 (None falls back to the model config's EOS; min_new_tokens would forbid EOS and
+    # change its tokens), so both decode exactly --new-tokens per row with the same greedy choices.
     limits = DecodeLimits(max_new_tokens=args.new_tokens)
+    no_stop = copy.deepcopy(backbone.model.generation_config)
+    no_stop.update(pad_token_id=pad, do_sample=False, max_new_tokens=args.new_tokens, temperature=None, top_p=None,
+                   top_k=None)
+    no_stop.eos_token_id = -1
     rows = []
     for batch_size in args.batch_sizes:
         batches = prompt_batches(prompts, list(range(len(prompts))), batch_size, pad, limits, "cpu")
@@ -65,8 +72,7 @@ def main() -> None:
 
         def run_generate(batches=batches, outputs=outputs):
             outputs["generate"] = [backbone.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                           do_sample=False, pad_token_id=pad) for b in batches]
+                                                           generation_config=no_stop) for b in batches]
 
         candidates = {"generate": run_generate, "full": run_decode(None, "full")}
         for layer in args.exit_layers:
