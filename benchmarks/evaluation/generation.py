@@ -199,10 +199,12 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
     points: list[dict | None] = [None, *method.knobs(spec, num_layers)]
     batches = prompt_batches(prompts, list(range(len(prompts))), job.eval.batch_size, pad_id, limits, device)
     with torch.inference_mode():
-        started = time.perf_counter()
-        outputs = {knob_label(knob): generate_all(method, batches, knob, num_layers)
-                   for knob in tqdm(points, desc=f"generate {job.method}/{job.task}", disable=not progress, leave=False)}
-        eval_seconds = time.perf_counter() - started
+        outputs, seconds = {}, {}
+        for knob in tqdm(points, desc=f"generate {job.method}/{job.task}", disable=not progress, leave=False):
+            started = time.perf_counter()
+            outputs[knob_label(knob)] = generate_all(method, batches, knob, num_layers)
+            seconds[knob_label(knob)] = time.perf_counter() - started
+        eval_seconds = sum(seconds.values())
         timings, timed = _time(method, prompts, len(prompts), points, job, pad_id, limits, device, num_layers, progress)
     full = outputs["full model"]
     scores, scorer = {}, None
@@ -221,7 +223,8 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
                 points, job, config, pad_id, limits, device, num_layers, dev_losses, progress)
 
     full_costs = point_costs(full, info)
-    base = {**base, "evaluation": "online", "eval_seconds": eval_seconds, "curve_cost_ratio": len(points),
+    base = {**base, "evaluation": "online", "eval_seconds": eval_seconds,
+            "curve_cost_ratio": eval_seconds / seconds["full model"],
             "n_points": len(points), "bertscore_scorer": scorer, "max_new_tokens": limits.max_new_tokens,
             "calibration": calibration, "n_timed_examples": len(timed)}
     records, example_rows = [], []
