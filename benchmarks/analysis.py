@@ -25,6 +25,8 @@ def difficulty_table(results_dir: str | Path) -> pd.DataFrame:
     """Mean exit layer and accuracy per known difficulty level, for every operating point of every job
     whose task carries difficulties (the embedded `graded` task). Columns: exit@<level>, acc@<level>."""
     examples = load_examples(results_dir)
+    if "difficulty" not in examples:
+        raise ValueError(f"no example in {results_dir} has a known difficulty: only the `graded` task has them")
     examples = examples[examples.difficulty >= 0]
     if examples.empty:
         raise ValueError(f"no example in {results_dir} has a known difficulty: only the `graded` task has them")
@@ -85,19 +87,34 @@ def bootstrap_draws(results_dir: str | Path, n_resamples: int = 1000,
     return _draws(load_examples(results_dir), n_resamples, seed)
 
 
+def _dev_rows(examples: pd.DataFrame) -> pd.DataFrame:
+    """Generation jobs also store their calibration prompts (split = "calibration"); intervals are over dev."""
+    return examples[examples["split"].fillna("dev") == "dev"] if "split" in examples else examples
+
+
+def _point_metric(spec, point: pd.DataFrame, resamples: np.ndarray | None = None) -> np.ndarray | float:
+    """The primary metric of one point on its dev rows, or on each resample (R, N) of them. Generation metrics
+    are means of per-prompt scores (stored per row); classification ones are computed from predictions."""
+    from eebench.metrics import compute_metrics, resampled_metric
+
+    if spec.kind == "generation":
+        scores = point[spec.primary_metric].to_numpy(dtype=np.float64)
+        return scores.mean() if resamples is None else scores[resamples].mean(1)
+    if resamples is None:
+        return compute_metrics(spec, point.prediction.to_numpy(), point.label.to_numpy())[spec.primary_metric]
+    return resampled_metric(spec, point.prediction.to_numpy(), point.label.to_numpy(), resamples)
+
+
 def _draws(examples: pd.DataFrame, n_resamples: int, seed: int) -> dict[tuple[str, str], np.ndarray]:
-    from eebench.metrics import resampled_metric
     from eebench.tasks import get_task
 
     draws: dict[tuple[str, str], np.ndarray] = {}
-    for job_id, job in examples.groupby("job_id", sort=True):
+    for job_id, job in _dev_rows(examples).groupby("job_id", sort=True):
         spec = get_task(job.task.iloc[0])
         size = int(job[job.knob_label == job.knob_label.iloc[0]].shape[0])
         resamples = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
         for knob, point in job.groupby("knob_label", sort=False):
-            point = point.sort_values("example")
-            draws[(job_id, knob)] = resampled_metric(spec, point.prediction.to_numpy(), point.label.to_numpy(),
-                                                     resamples)
+            draws[(job_id, knob)] = _point_metric(spec, point.sort_values("example"), resamples)
     return draws
 
 
@@ -108,17 +125,16 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
     One row per (job_id, knob_label): `metric` (on all examples), `ci_low`, `ci_high` (0..1 scale like the
     records). Draws are paired (see `bootstrap_draws`), so two points of one job can be compared; the
     generator is seeded (`seed`), so the intervals are reproducible."""
-    from eebench.metrics import compute_metrics
     from eebench.tasks import get_task
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    examples = load_examples(results_dir)
+    examples = _dev_rows(load_examples(results_dir))
     draws = _draws(examples, n_resamples, seed)
     rows = []
     for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
         spec = get_task(point.task.iloc[0])
-        metric = compute_metrics(spec, point.prediction.to_numpy(), point.label.to_numpy())[spec.primary_metric]
+        metric = float(_point_metric(spec, point))
         low, high = np.quantile(draws[(job_id, knob)], [(1 - confidence) / 2, (1 + confidence) / 2])
         rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
                      "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})

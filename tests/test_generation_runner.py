@@ -115,3 +115,17 @@ def test_leaderboard_points_and_figures_read_generation_results(store):
     assert len(points_table(records))
     paths = write_figures(out, speedups=("saved_layer_speedup", "wallclock_speedup"), formats=("png",))
     assert any(p.name == "dolly_saved_layer_speedup.png" for p in paths)
+
+
+def test_bootstrap_intervals_cover_generation_points(store):
+    from eebench.analysis import bootstrap_draws, bootstrap_intervals
+    from eebench.leaderboard import leaderboard_intervals, load_records
+
+    out, records, _ = store
+    intervals = bootstrap_intervals(out, n_resamples=200)
+    by_point = {(r["job_id"], r["knob_label"]): r["metric"] for r in records}
+    assert len(intervals) == len(by_point)  # dev points only: the calibration rows are not a point
+    for row in intervals.itertuples():
+        assert abs(row.metric - by_point[(row.job_id, row.knob_label)]) < 1e-9
+        assert row.ci_low <= row.metric + 1e-9 and row.metric <= row.ci_high + 1e-9
+    assert len(leaderboard_intervals(load_records(out), bootstrap_draws(out, n_resamples=50)))
