@@ -24,6 +24,7 @@ is exactly the all-exit weighted loss (an unbiased estimate; the LM head is ~9 l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ def decayed_threshold(threshold: float, step: int, max_steps: int, form: str, te
     """lambda_t of §6 at decoding step t of at most N = max_steps."""
     if form == "off" or temperature == 0:
         return threshold
-    decay = torch.exp(torch.tensor(-temperature * step / max(max_steps, 1))).item()
+    decay = math.exp(-temperature * step / max(max_steps, 1))
     if form == "paper":
         return min(1.0, max(0.0, 0.9 * threshold + 0.1 * decay))
     if form == "code":

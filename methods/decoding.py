@@ -143,7 +143,7 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
     tokens: list[list[int]] = [[] for _ in range(size)]
     layers: list[list[int]] = [[] for _ in range(size)]
     head_evals: list[list[int]] = [[] for _ in range(size)]
-    rule_macs = [0.0] * size
+    rule_evaluations = torch.zeros(size)  # decide() calls per row; x rule.extra_macs at the end
     finished = torch.zeros(size, dtype=torch.bool)
     _append(tokens, layers, head_evals, torch.arange(size), next_tokens, torch.full((size,), last), torch.ones(size))
     _check_stops(backbone, tokens, finished, limits, torch.arange(size))
@@ -178,8 +178,7 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
                     continue
                 view = LayerView(backbone, hidden[:, 0], rows)
                 exiting = rule.decide(index, step, view, state)
-                for row in rows.tolist():
-                    rule_macs[row] += rule.extra_macs
+                rule_evaluations[rows.cpu()] += 1
                 if view.has_logits:
                     step_evals[rows.cpu()] += 1  # evaluated here; the producing evaluation is counted once below
                 if not bool(exiting.any()):  # the one host sync per exit point
@@ -206,6 +205,7 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
                 step_evals[active])
         _check_stops(backbone, tokens, finished, limits, active)
     text = [_cut_at_stop(backbone.tokenizer.decode(row, skip_special_tokens=True), limits.stop_strings) for row in tokens]
+    rule_macs = (rule_evaluations * (rule.extra_macs if rule is not None else 0.0)).tolist()
     output = GenerationOutput(tokens=tokens, text=text, token_layers=layers, head_evals=head_evals, rule_macs=rule_macs,
                               prompt_tokens=attention_mask.sum(1).tolist(), num_layers=last, propagation=propagation)
     if keep_cache:  # tests compare every layer's keys/values with a no-cache reference
