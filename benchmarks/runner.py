@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -75,10 +75,13 @@ class Job:
     # `eebench.tasks.train_and_selection`); None = no selection set.
     selection_examples: int | None = None
     generation: GenerationConfig | None = None  # generation tasks only
+    # Fine-tune on ANOTHER task's training split (same kind), e.g. one instruction-tuned checkpoint evaluated on
+    # Alpaca, Dolly and CNN/DM. The selection (calibration) set still comes from this task's own train split.
+    train_task: str | None = None
 
     def resolved(self) -> dict:
         settings = asdict(self)
-        for optional in ("selection_examples", "generation"):
+        for optional in ("selection_examples", "generation", "train_task"):
             if settings[optional] is None:
                 del settings[optional]  # absent, not null: job ids from before the setting existed hold
         return settings
@@ -87,8 +90,14 @@ class Job:
     def job_id(self) -> str:
         return _digest(self.resolved())
 
+    @property
+    def trained_on(self) -> str:
+        """The task whose training split fine-tunes the checkpoint."""
+        return self.train_task or self.task
+
     def describe(self) -> str:
-        return f"{self.method} / {self.task} / seed {self.seed} / {self.backbone}"
+        trained = f" (trained on {self.train_task})" if self.train_task and self.train_task != self.task else ""
+        return f"{self.method} / {self.task}{trained} / seed {self.seed} / {self.backbone}"
 
 
 class UnsupportedTaskError(ValueError):
@@ -102,11 +111,11 @@ def _digest(obj: object) -> str:
 def training_context(job: Job, carved: bool = False) -> dict:
     """The job settings that determine fine-tuned weights, apart from the method's own training signature.
     `carved`: the selection set was taken out of the training examples, so training data differ."""
-    context = {"backbone": job.backbone, "pooling": job.pooling, "task": job.task, "seed": job.seed,
+    context = {"backbone": job.backbone, "pooling": job.pooling, "task": job.trained_on, "seed": job.seed,
                "train": asdict(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
     if carved:
         context["selection_carved_out"] = job.selection_examples
-    if get_task(job.task).kind == "regression":  # heads start at the mean target (older checkpoints did not)
+    if get_task(job.trained_on).kind == "regression":  # heads start at the mean target (older checkpoints did not)
         context["regression_heads"] = "bias at the mean training target"
     return context
 
@@ -134,6 +143,12 @@ def check_supported(job: Job) -> None:
                else "an encoder: --backbone minilm (offline), tiny-bert (tests) or a BERT-style hub name")
         raise ValueError(f"job {job.describe()}: {kind} tasks need {fix}; '{job.backbone}' is "
                          f"{'a decoder' if is_decoder else 'an encoder'}")
+    if job.train_task:
+        trained = get_task(job.train_task)
+        if (trained.kind, trained.num_labels) != (kind, spec.num_labels):
+            raise ValueError(f"job {job.describe()}: train_task '{job.train_task}' is a {trained.kind} task with "
+                             f"{trained.num_labels} labels, '{job.task}' a {kind} task with {spec.num_labels}: a "
+                             f"checkpoint can only be evaluated on a task of the same kind and label count")
 
 
 def _train_or_load(job: Job, method, model: torch.nn.Module, train, pad_id: int, cache_dir: Path,
@@ -171,6 +186,16 @@ class JobData:
 
 
 def load_job_data(job: Job) -> JobData:
+    if job.train_task and job.train_task != job.task:
+        # training data exactly as a job on train_task would see them (same checkpoint key); selection from
+        # this task's own train split, which is disjoint from its dev split and from the other task's data
+        trained = load_job_data(replace(job, task=job.train_task, train_task=None))
+        selection = None
+        if job.selection_examples:
+            _, selection, _ = train_and_selection(get_task(job.task), job.data_dir, None, job.selection_examples,
+                                                  job.seed)
+        dev = load_split(get_task(job.task), "dev", job.data_dir, job.eval_limit, job.seed)
+        return JobData(trained.train, dev, selection, trained.carved)
     spec = get_task(job.task)
     selection, carved = None, False
     if job.selection_examples:
@@ -212,7 +237,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "environment": environment(device), "train_seconds": training["train_seconds"],
             "checkpoint": training["checkpoint"], "train_stages": training["stages"],
             "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
-            "selection_carved_from_training": data.carved,
+            "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
     return evaluator.evaluate(job, spec, method, model, backbone, data, base, progress)
 

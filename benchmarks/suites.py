@@ -28,13 +28,17 @@ class Suite:
     method_configs: dict[str, tuple[dict, ...]] = field(default_factory=dict)
     selection_examples: int | None = None  # held-out train examples for choosing operating points
     generation: GenerationConfig | None = None  # generation suites: decoding, LTT tolerances, BERTScore scorer
+    # Per-task replacement of `method_configs` (e.g. two operating points only on the costliest task).
+    task_method_configs: dict[str, dict[str, tuple[dict, ...]]] = field(default_factory=dict)
+    train_task: str | None = None  # one checkpoint for every task, fine-tuned on this task (see Job.train_task)
 
     def jobs(self, device: str = "cpu") -> list[Job]:
         return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, method_config=config,
                     train=self.train, eval=self.eval, data_dir=self.data_dir, train_limit=self.train_limit,
                     eval_limit=self.eval_limit, device=device, selection_examples=self.selection_examples,
-                    generation=self.generation)
-                for t in self.tasks for m in self.methods for config in self.method_configs.get(m, ({},))
+                    generation=self.generation, train_task=self.train_task if self.train_task != t else None)
+                for t in self.tasks for m in self.methods
+                for config in self.task_method_configs.get(t, self.method_configs).get(m, ({},))
                 for s in self.seeds]
 
     def launch_command(self) -> str:
@@ -62,13 +66,24 @@ _GLUE_MINILM = dict(seeds=REAL_SEEDS, data_dir="../shared/data/glue", train_limi
 # (the measure is not part of the training signature). The oracle is the local-consistency upper bound.
 CALM_MEASURES = {"calm": ({"confidence": "softmax"}, {"confidence": "saturation"}, {"confidence": "classifier"},
                           {"confidence": "oracle"}, {"variant": "cee_baseline"})}
+# The offline measurement on 2 CPU cores (see README "CALM on SmolLM2"): ONE anytime fine-tune on Alpaca
+# (100 steps of 8 + half an epoch of the classifier stage, ~25 min) serves every task, and a short grid per
+# measure, because every knob decodes 200 prompts. Softmax checks every 5th layer: its LM head costs ~8 layers.
+_CALM_CPU = {"classifier_epochs": 0.5}
+CALM_CPU_MEASURES = {"calm": (
+    {**_CALM_CPU, "confidence": "softmax", "exit_interval": 5, "thresholds": (0.95, 0.8)},
+    {**_CALM_CPU, "confidence": "saturation", "thresholds": (0.999, 0.99)},
+    {**_CALM_CPU, "confidence": "classifier", "thresholds": (0.8, 0.6)},
+    {**_CALM_CPU, "confidence": "oracle"},
+    {**_CALM_CPU, "variant": "cee_baseline", "thresholds": (0.975,)})}
 _GENERATION_CPU = dict(
-    methods=("calm",), method_configs=CALM_MEASURES, data_dir="../shared/data/generation", seeds=(0,),
-    # 45 min of anytime fine-tuning on 2 cores: ~1,200 prompt+response pairs of <= 256 tokens, batch 8.
-    train_limit=1200, eval_limit=100, selection_examples=100,
+    methods=("calm",), method_configs=CALM_CPU_MEASURES, data_dir="../shared/data/generation", seeds=(0,),
+    train_task="alpaca", train_limit=800, eval_limit=100, selection_examples=100,
     train=TrainConfig(epochs=1, lr=1e-4, batch_size=8, max_seq_length=256),
-    eval=EvalConfig(batch_size=8, timing_batch_sizes=(1, 8), timing_examples=16, timing_repeats=2, timing_warmup=1),
-    generation=GenerationConfig(ltt_deltas=(0.1, 0.2), ltt_epsilon=0.05))
+    eval=EvalConfig(batch_size=8, timing_batch_sizes=(1, 8), timing_examples=8, timing_repeats=1, timing_warmup=0),
+    generation=GenerationConfig(ltt_deltas=(0.1, 0.2), ltt_epsilon=0.05),
+    # CNN/DM (96 new tokens after ~550-token articles): two operating points of one cheap measure
+    task_method_configs={"cnndm": {"calm": ({**_CALM_CPU, "confidence": "saturation", "thresholds": (0.999, 0.99)},)}})
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",

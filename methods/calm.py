@@ -152,12 +152,18 @@ class CALM:
         last, step = self.model.num_layers, self.config.exit_interval
         return tuple(i for i in range(step, last, step) if i >= self.config.min_exit_layer)
 
+    def training_points(self) -> tuple[int, ...]:
+        """Every layer below L. Training covers all of them whatever the exit set, so `exit_interval` and
+        `min_exit_layer` are inference choices and every exit set shares one checkpoint (a measure whose
+        check is dear, softmax with its LM head, can use a sparse set at no retraining cost)."""
+        return tuple(range(1, self.model.num_layers))
+
     # --- training -------------------------------------------------------------------------------------------
 
     def anytime_loss(self, batch, picked: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """sum_i w_i CE_i / sum_i w_i over the exit points and L, w_i = i, estimated from a random subset of
         `exits_per_step` exit points (`picked` fixes the subset, for tests)."""
-        points, last = list(self.exit_points()), self.model.num_layers
+        points, last = list(self.training_points()), self.model.num_layers
         k = min(self.config.exits_per_step, len(points))
         if picked is None:
             picked = [points[i] for i in torch.randperm(len(points))[:k].tolist()] if k else []
@@ -175,8 +181,8 @@ class CALM:
         return loss / total_weight, stats
 
     def classifier_loss(self, batch) -> torch.Tensor:
-        """Class-balanced CE of the shared classifier at every exit point against 'argmax_i == argmax_L'."""
-        points, last = list(self.exit_points()), self.model.num_layers
+        """Class-balanced CE of the shared classifier at every layer below L against 'argmax_i == argmax_L'."""
+        points, last = list(self.training_points()), self.model.num_layers
         with torch.no_grad():
             states = dict(self.model.backbone.forward_states(batch["input_ids"], batch["attention_mask"], {*points, last}))
             valid = (batch["labels"][:, 1:] != -100).nonzero()
@@ -196,9 +202,7 @@ class CALM:
 
     def fit(self, trainer: Trainer) -> None:
         model = self.model
-        trainer.cached("calm-anytime", {"exits_per_step": self.config.exits_per_step,
-                                        "exit_interval": self.config.exit_interval,
-                                        "min_exit_layer": self.config.min_exit_layer},
+        trainer.cached("calm-anytime", {"exits_per_step": self.config.exits_per_step, "training_points": "every layer"},
                        lambda: trainer.train(model.backbone.parameters(), self.anytime_loss,
                                              stage="anytime: weighted per-exit LM loss, w_i = i"))
         for parameter in model.backbone.parameters():
@@ -211,8 +215,8 @@ class CALM:
 
     def training_signature(self) -> dict:
         c = self.config
-        return {"recipe": "calm-anytime+classifier", "exits_per_step": c.exits_per_step, "exit_interval": c.exit_interval,
-                "min_exit_layer": c.min_exit_layer, "classifier_epochs": c.classifier_epochs,
+        return {"recipe": "calm-anytime+classifier", "exits_per_step": c.exits_per_step, "training_points": "every layer",
+                "classifier_epochs": c.classifier_epochs,
                 "classifier_lr": c.classifier_lr, "classifier_positions": c.classifier_positions}
 
     # --- inference ------------------------------------------------------------------------------------------

@@ -141,3 +141,11 @@ def test_fit_trains_backbone_then_classifier_on_a_frozen_model():
     assert all(p.requires_grad for p in method.model.backbone.parameters())  # unfrozen again
     with torch.no_grad():
         assert method.anytime_loss(batch, [1, 3])[0] < loss_before  # it learned the training batch
+
+
+def test_exit_set_is_an_inference_choice_sharing_one_checkpoint():
+    """Training covers every layer whatever the exit set, so a sparse softmax set reuses the dense checkpoint."""
+    dense, _, _ = _calm(confidence="softmax")
+    sparse, _, _ = _calm(confidence="softmax", exit_interval=2, min_exit_layer=2)
+    assert sparse.exit_points() == (2, 4) and sparse.training_points() == dense.training_points() == (1, 2, 3, 4, 5)
+    assert sparse.training_signature() == dense.training_signature()
