@@ -207,9 +207,11 @@ def load_job_data(job: Job) -> JobData:
     return JobData(train, dev, selection, carved)
 
 
-def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> tuple[list[dict], pd.DataFrame]:
+def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo: dict | None = None
+            ) -> tuple[list[dict], pd.DataFrame]:
     """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
-    What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's."""
+    What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
+    by the jobs of one `run_jobs` call (see `eebench.evaluation`)."""
     check_supported(job)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = get_task(job.task)
@@ -239,7 +241,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> t
             "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
-    return evaluator.evaluate(job, spec, method, model, backbone, data, base, progress)
+    return evaluator.evaluate(job, spec, method, model, backbone, data, base, progress, memo)
 
 
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
@@ -248,6 +250,7 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
     store = ResultsStore(out_dir)
     finished = store.done()
     summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
+    memo: dict = {}  # full-model generations per checkpoint and prompts, for this call only
     for job in tqdm(jobs, desc="jobs", disable=not progress):
         if job.job_id in finished:
             summary["skipped"].append(job.describe())
@@ -259,7 +262,7 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
             summary["unsupported"].append(job.describe())
             continue
         log(f"job {job.job_id}: {job.describe()}")
-        records, examples = run_job(job, cache_dir, progress)
+        records, examples = run_job(job, cache_dir, progress, memo)
         store.commit(job.job_id, records, examples)
         summary["done"].append(job.describe())
     return summary

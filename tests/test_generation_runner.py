@@ -129,3 +129,21 @@ def test_bootstrap_intervals_cover_generation_points(store):
         assert abs(row.metric - by_point[(row.job_id, row.knob_label)]) < 1e-9
         assert row.ci_low <= row.metric + 1e-9 and row.metric <= row.ci_high + 1e-9
     assert len(leaderboard_intervals(load_records(out), bootstrap_draws(out, n_resamples=50)))
+
+
+def test_full_model_reference_is_decoded_once_per_checkpoint_and_equals_a_fresh_decode(store, tmp_path):
+    """The memo of one run_jobs call: the second job's full-model outputs are the first's; a job run alone
+    (fresh memo) decodes exactly the same texts."""
+    from eebench.runner import run_job
+
+    out, _, jobs = store
+    rows = pd.concat([pd.read_parquet(p) for p in (out / "examples").glob("*.parquet")])
+    full = rows[(rows.knob_label == "full model") & (rows.split == "dev")]
+    texts = {job_id: list(group.sort_values("example").text) for job_id, group in full.groupby("job_id")}
+    assert len(texts) == 2 and len({tuple(t) for t in texts.values()}) == 1
+    memo: dict = {}
+    cache = next(out.parent.glob("gen-cache*"))
+    _, alone = run_job(jobs[1], cache, progress=False, memo=memo)
+    alone_full = alone[(alone.knob_label == "full model") & (alone.split == "dev")].sort_values("example")
+    assert list(alone_full.text) == texts[jobs[1].job_id]
+    assert len(memo) == 2  # the dev prompts and the calibration prompts

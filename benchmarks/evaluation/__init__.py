@@ -2,7 +2,9 @@
 
 An evaluator encodes a job's training data for the method's `fit` (`encode_train`), may prepare the model
 before training (`before_training`), and evaluates the trained model over the method's knob grid
-(`evaluate` -> records + per-example rows). Kinds: classification / regression (`classification.py`,
+(`evaluate` -> records + per-example rows). `memo`: a dict the runner keeps for one `run_jobs` call, in
+which an evaluator may keep outputs that depend only on the checkpoint and the prompts (the full model's
+generations), so the jobs sharing a checkpoint do not recompute them. Kinds: classification / regression (`classification.py`,
 encoder backbones) and generation (`generation.py`, decoder backbones).
 """
 
@@ -23,8 +25,8 @@ class Evaluator(Protocol):
 
     def before_training(self, model, train, spec) -> None: ...
 
-    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool
-                 ) -> tuple[list[dict], pd.DataFrame]: ...
+    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool,
+                 memo: dict | None = None) -> tuple[list[dict], pd.DataFrame]: ...
 
 
 def evaluator_for(spec) -> Evaluator:

@@ -39,8 +39,8 @@ class ClassificationEvaluator:
         if spec.kind == "regression":  # heads start at the mean target; see center_regression_heads
             center_regression_heads(model, train.labels.mean().item())
 
-    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool
-                 ) -> tuple[list[dict], pd.DataFrame]:
+    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool,
+                 memo: dict | None = None) -> tuple[list[dict], pd.DataFrame]:
         return evaluate_classification(job, spec, method, model, backbone, data, base, progress)
 
 

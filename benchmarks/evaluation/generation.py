@@ -52,9 +52,9 @@ class GenerationEvaluator:
     def before_training(self, model, train, spec) -> None:
         pass
 
-    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool
-                 ) -> tuple[list[dict], pd.DataFrame]:
-        return evaluate_generation(job, spec, method, backbone, data, base, progress)
+    def evaluate(self, job, spec, method, model, backbone, data, base: dict, progress: bool,
+                 memo: dict | None = None) -> tuple[list[dict], pd.DataFrame]:
+        return evaluate_generation(job, spec, method, backbone, data, base, progress, memo)
 
 
 def encode_prompts(examples, tokenizer) -> list[list[int]]:
@@ -88,6 +88,20 @@ def check_generation_output(output, batch_size: int, num_layers: int) -> None:
     for tokens, layers in zip(output.tokens, output.token_layers, strict=True):
         if len(tokens) != len(layers) or any(not 1 <= layer <= num_layers for layer in layers):
             raise ProtocolError(f"generate() must give every token a layer count in 1..{num_layers}")
+
+
+def full_model_outputs(method, batches: list[PromptBatch], num_layers: int, memo: dict | None, key: tuple
+                       ) -> tuple[dict, float]:
+    """The full model's generations (knob None) for `batches` and the seconds they took, from `memo` when a
+    job with the same `key` (method, checkpoint, prompts, limits, batch size, device) computed them: greedy
+    decoding at full depth depends on nothing else, so CALM's five measures on one checkpoint decode the
+    reference once, not five times. (Timing is separate: every job times its own interleaved full model.)"""
+    memo = {} if memo is None else memo
+    if key not in memo:
+        started = time.perf_counter()
+        outputs = generate_all(method, batches, None, num_layers)
+        memo[key] = (outputs, time.perf_counter() - started)
+    return memo[key]
 
 
 def generate_all(method, batches: list[PromptBatch], knob, num_layers: int) -> dict[str, list]:
@@ -139,7 +153,7 @@ def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, n
 
 
 def _calibrate(method, prompts_selection, references_selection, points, job, config, pad_id, limits, device,
-               num_layers, dev_losses: dict[str, np.ndarray], progress) -> tuple[list[dict], dict[str, list[str]], pd.DataFrame]:
+               num_layers, dev_losses: dict[str, np.ndarray], progress, memo=None, memo_key=()) -> tuple[list[dict], dict[str, list[str]], pd.DataFrame]:
     """LTT on the held-out calibration prompts, per consistency type and tolerance; the empirical guarantee
     check on random calibration/test splits of the dev prompts' losses. Returns (calibration records,
     {knob label: picks}, per-prompt calibration rows)."""
@@ -153,7 +167,8 @@ def _calibrate(method, prompts_selection, references_selection, points, job, con
     knobs = points[1:]
     indices = list(range(len(prompts_selection)))
     batches = prompt_batches(prompts_selection, indices, job.eval.batch_size, pad_id, limits, device)
-    full = generate_all(method, batches, None, num_layers)
+    full, _ = full_model_outputs(method, batches, num_layers, memo,
+                                 (*memo_key, "calibration", tuple(map(tuple, prompts_selection))))
     losses: dict[str, list[np.ndarray]] = {"textual": [], "risk": []}
     rows = []
     for knob in tqdm(knobs, desc="calibrate (LTT)", disable=not progress, leave=False):
@@ -184,7 +199,8 @@ def _calibrate(method, prompts_selection, references_selection, points, job, con
     return calibration, picks, pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
-def evaluate_generation(job, spec, method, backbone, data, base: dict, progress: bool) -> tuple[list[dict], pd.DataFrame]:
+def evaluate_generation(job, spec, method, backbone, data, base: dict, progress: bool, memo: dict | None = None
+                        ) -> tuple[list[dict], pd.DataFrame]:
     from eebench.metrics.generation import generation_metrics  # rouge-score, bert-score: only for generation
     from eebench.runner import GenerationConfig  # the job's generation settings (defaults when absent)
 
@@ -198,10 +214,15 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
     references = [e.reference for e in data.dev.examples]
     points: list[dict | None] = [None, *method.knobs(spec, num_layers)]
     batches = prompt_batches(prompts, list(range(len(prompts))), job.eval.batch_size, pad_id, limits, device)
+    memo_key = (job.method, base["checkpoint"], limits, job.eval.batch_size, job.device)
     with torch.inference_mode():
         outputs, seconds = {}, {}
         for knob in tqdm(points, desc=f"generate {job.method}/{job.task}", disable=not progress, leave=False):
             started = time.perf_counter()
+            if knob is None:  # its seconds are curve_cost_ratio's denominator, as if decoded here
+                outputs["full model"], seconds["full model"] = full_model_outputs(
+                    method, batches, num_layers, memo, (*memo_key, "dev", tuple(map(tuple, prompts))))
+                continue
             outputs[knob_label(knob)] = generate_all(method, batches, knob, num_layers)
             seconds[knob_label(knob)] = time.perf_counter() - started
         eval_seconds = sum(seconds.values())
@@ -220,7 +241,7 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
         with torch.inference_mode():
             calibration, picks, calibration_rows = _calibrate(
                 method, encode_prompts(data.selection.examples, tokenizer), [e.reference for e in data.selection.examples],
-                points, job, config, pad_id, limits, device, num_layers, dev_losses, progress)
+                points, job, config, pad_id, limits, device, num_layers, dev_losses, progress, memo, memo_key)
 
     full_costs = point_costs(full, info)
     base = {**base, "evaluation": "online", "eval_seconds": eval_seconds,
