@@ -26,7 +26,7 @@ from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.store import ResultsStore, atomic_write_text
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
-from eebench.training import LoopTrainer, StageCache, TrainConfig
+from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class Job:
 
     def resolved(self) -> dict:
         settings = asdict(self)
+        settings["train"] = train_settings(self.train)
         for optional in ("selection_examples", "generation", "train_task"):
             if settings[optional] is None:
                 del settings[optional]  # absent, not null: job ids from before the setting existed hold
@@ -112,7 +113,7 @@ def training_context(job: Job, carved: bool = False) -> dict:
     """The job settings that determine fine-tuned weights, apart from the method's own training signature.
     `carved`: the selection set was taken out of the training examples, so training data differ."""
     context = {"backbone": job.backbone, "pooling": job.pooling, "task": job.trained_on, "seed": job.seed,
-               "train": asdict(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
+               "train": train_settings(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
     if carved:
         context["selection_carved_out"] = job.selection_examples
     if get_task(job.trained_on).kind == "regression":  # heads start at the mean target (older checkpoints did not)

@@ -131,11 +131,12 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           eval=EvalConfig(batch_size=4, timing_batch_sizes=(1, 4), timing_examples=4, timing_repeats=1, timing_warmup=0),
           generation=GenerationConfig(max_new_tokens=12, bertscore="none", guarantee_draws=50)),
     Suite("generation-llama2", "The ConsistentEE paper's generation setting: Llama-2-7B from the hub, Alpaca and Dolly, "
-          "CALM's measures, 3 seeds; GPU. The paper fine-tunes with LoRA; eebench's CALM fine-tunes every weight "
-          "(LoRA is not wired yet).",
+          "CALM's measures, 3 seeds; GPU. LoRA as the paper's runs (r 16, alpha 16, dropout 0.05, on q_proj and "
+          "v_proj), merged into the weights after the anytime stage.",
           methods=("calm",), method_configs=CALM_MEASURES, tasks=("alpaca", "dolly"), backbone="meta-llama/Llama-2-7b-hf",
           data_dir="../shared/data/generation", seeds=REAL_SEEDS, eval_limit=500, selection_examples=500,
-          train=TrainConfig(epochs=1, lr=1e-5, batch_size=8, max_seq_length=512),
+          train=TrainConfig(epochs=1, lr=2e-4, batch_size=8, max_seq_length=512, lora_rank=16, lora_alpha=16.0,
+                            lora_targets=("q_proj", "v_proj"), lora_dropout=0.05),
           eval=EvalConfig(batch_size=16, timing_batch_sizes=(1, 8), timing_examples=64, timing_repeats=3),
           generation=GenerationConfig(ltt_deltas=(0.05, 0.1, 0.2))),
 ]}

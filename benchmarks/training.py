@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +34,25 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     adam_eps: float = 1e-8
+    # LoRA (eebench.lora): 0 = every pretrained weight is fine-tuned; r > 0 = rank-r adapters on lora_targets,
+    # merged into the weights after each stage
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.0
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+
+
+def train_settings(config: TrainConfig) -> dict:
+    """`config` as a dict for job ids and checkpoint keys; the LoRA fields only when LoRA is on, so the ids
+    of full fine-tuning jobs stored before LoRA existed still hold."""
+    settings = asdict(config)
+    if not config.lora_rank:
+        for name in LORA_FIELDS:
+            del settings[name]
+    return settings
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,7 +178,18 @@ class LoopTrainer:
         if not unique:
             raise ValueError(f"stage '{stage}': no trainable parameters were given")
         stage_seed = self.seed * 1000 + len(self.stages)  # re-seeded per stage, as DeeBERT's script does
-        torch.manual_seed(stage_seed)
+        torch.manual_seed(stage_seed)  # before LoRA: its A matrices are drawn from the stage seed too
+        if config.lora_rank:
+            from eebench.lora import lora_stage
+
+            with lora_stage(self.model, unique, config.lora_rank, config.lora_alpha, config.lora_targets,
+                            config.lora_dropout) as trainable:
+                return self._optimise(trainable, loss_fn, stage, epochs, lr, stage_seed)
+        return self._optimise(unique, loss_fn, stage, epochs, lr, stage_seed)
+
+    def _optimise(self, unique: list[nn.Parameter], loss_fn, stage: str, epochs: float, lr: float | None,
+                  stage_seed: int) -> dict[str, float | str]:
+        config = self.config
         generator = torch.Generator().manual_seed(stage_seed)
         steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
         total_steps = max(1, math.ceil(epochs * steps_per_epoch))
@@ -197,7 +227,7 @@ class LoopTrainer:
         bar.close()
         self.model.eval()
         record = {"stage": stage, "steps": total_steps, "epochs": epochs, "final_loss": running,
-                  "seconds": time.perf_counter() - started}
+                  "seconds": time.perf_counter() - started, **({"lora_rank": config.lora_rank} if config.lora_rank else {})}
         record.update({f"mean_{key}": value / total_steps for key, value in logged.items()})
         self.stages.append(record)
         return record
