@@ -246,12 +246,13 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
 
 
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, list[str]]:
+             log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}"""
     store = ResultsStore(out_dir)
     finished = store.done()
     summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
     memo: dict = {}  # full-model generations per checkpoint and prompts, for this call only
+    log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
     for job in tqdm(jobs, desc="jobs", disable=not progress):
         if job.job_id in finished:
             summary["skipped"].append(job.describe())
