@@ -20,10 +20,12 @@ def _outermost_pretrained(model: nn.Module, given: set[int]) -> list[nn.Module]:
     from transformers import PreTrainedModel
 
     found: list[nn.Module] = []
+    covered: set[int] = set()  # modules() is pre-order: a parent comes before what it contains
     for module in model.modules():
-        if isinstance(module, PreTrainedModel) and not any(module in list(f.modules()) for f in found):
-            if any(id(p) in given for p in module.parameters()):
-                found.append(module)
+        if id(module) not in covered and isinstance(module, PreTrainedModel) and any(
+                id(p) in given for p in module.parameters()):
+            found.append(module)
+            covered.update(id(m) for m in module.modules())
     return found
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -187,23 +187,17 @@ class JobData:
 
 
 def load_job_data(job: Job) -> JobData:
-    if job.train_task and job.train_task != job.task:
-        # training data exactly as a job on train_task would see them (same checkpoint key); selection from
-        # this task's own train split, which is disjoint from its dev split and from the other task's data
-        trained = load_job_data(replace(job, task=job.train_task, train_task=None))
-        selection = None
-        if job.selection_examples:
-            _, selection, _ = train_and_selection(get_task(job.task), job.data_dir, None, job.selection_examples,
-                                                  job.seed)
-        dev = load_split(get_task(job.task), "dev", job.data_dir, job.eval_limit, job.seed)
-        return JobData(trained.train, dev, selection, trained.carved)
-    spec = get_task(job.task)
+    spec, trained_spec = get_task(job.task), get_task(job.trained_on)
     selection, carved = None, False
     if job.selection_examples:
-        train, selection, carved = train_and_selection(spec, job.data_dir, job.train_limit, job.selection_examples,
-                                                       job.seed)
+        train, selection, carved = train_and_selection(trained_spec, job.data_dir, job.train_limit,
+                                                       job.selection_examples, job.seed)
     else:
-        train = load_split(spec, "train", job.data_dir, job.train_limit, job.seed)
+        train = load_split(trained_spec, "train", job.data_dir, job.train_limit, job.seed)
+    if job.trained_on != job.task and job.selection_examples:
+        # training data (and checkpoint key) exactly as a job on train_task has them; the selection set from
+        # this task's own train split, disjoint from its dev split and from the other task's data
+        _, selection, _ = train_and_selection(spec, job.data_dir, None, job.selection_examples, job.seed)
     dev = load_split(spec, "dev", job.data_dir, job.eval_limit, job.seed)
     return JobData(train, dev, selection, carved)
 

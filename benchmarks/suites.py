@@ -67,7 +67,8 @@ _GLUE_MINILM = dict(seeds=REAL_SEEDS, data_dir="../shared/data/glue", train_limi
 CALM_MEASURES = {"calm": ({"confidence": "softmax"}, {"confidence": "saturation"}, {"confidence": "classifier"},
                           {"confidence": "oracle"}, {"variant": "cee_baseline"})}
 # The offline measurement on 2 CPU cores (see README "CALM on SmolLM2"): ONE anytime fine-tune on Alpaca
-# (100 steps of 8 + half an epoch of the classifier stage, ~25 min) serves every task, and a short grid per
+# (100 steps of 8 + half an epoch of the classifier stage: 11-21 s per step measured on these VMs, so
+# ~20-41 min) serves every task, and a short grid per
 # measure, because every knob decodes 200 prompts. Softmax checks every 5th layer: its LM head costs ~8 layers.
 _CALM_CPU = {"classifier_epochs": 0.5}
 CALM_CPU_MEASURES = {"calm": (
