@@ -8,8 +8,11 @@ threshold lambda_t (§5-§6); the layers it skips get keys/values from its exit 
 fine-tuned checkpoint:
   softmax     top-1 minus top-2 probability of the shared head at layer i (costs an LM head per exit point);
   saturation  cos(h_t^i, h_t^i') with i' the previous exit point, raw states; never exits at the first point;
-  classifier  softmax(M h_t^i)[consistent], M = Linear(d, 2) shared by all layers, trained in a second stage on
-              the frozen model to predict "layer i's argmax equals layer L's" (class-balanced CE per layer, §3.2);
+  classifier  softmax(M norm(h_t^i))[consistent], M = Linear(d, 2) shared by all layers, trained in a second stage
+              on the frozen model to predict "layer i's argmax equals layer L's" (class-balanced CE per layer, §3.2).
+              It reads the final-normed state (what the shared head reads), not the paper's raw h_t^i
+              (`classifier_input="raw"`): raw residual norms grow with depth, so one linear map for all layers
+              fitted poorly (README, fidelity notes; `benchmarks/micro/calm_classifier_input.py` measures it);
   oracle      the local-consistency oracle (§9): the first exit point whose argmax is the full model's; an upper
               bound that needs the full model to know it (its wall-clock is the full model's, by construction).
 `variant="cee_baseline"` is what the ConsistentEE authors ran as "CALM" (§13): saturation between
@@ -57,6 +60,7 @@ class CALMConfig:
     classifier_epochs: float = 1.0
     classifier_lr: float = 1e-3
     classifier_positions: int = 256   # response positions per batch that label the classifier stage
+    classifier_input: str = "normed"  # "normed" (the final norm first, as the head) or "raw" (the paper's h_t^i)
 
 
 def decayed_threshold(threshold: float, step: int, max_steps: int, form: str, temperature: float) -> float:
@@ -83,6 +87,10 @@ class CALMModel(nn.Module):
     def num_layers(self) -> int:
         return self.backbone.num_layers
 
+    def classify(self, hidden: torch.Tensor, reads: str) -> torch.Tensor:
+        """Exit-classifier logits (..., 2) [inconsistent, consistent] from states (..., d)."""
+        return self.exit_classifier(self.backbone.model.model.norm(hidden) if reads == "normed" else hidden)
+
 
 class ConfidenceRule:
     """Exit when c_t^i >= lambda_t at an exit point (a `TokenExitRule`)."""
@@ -93,7 +101,10 @@ class ConfidenceRule:
         self.exit_points = exit_points
         self.measure = "cee_baseline" if config.variant == "cee_baseline" else config.confidence
         d = model.backbone.hidden_size
-        self.extra_macs = {"softmax": 0.0, "saturation": 3.0 * d, "cee_baseline": 3.0 * d, "classifier": 2.0 * d}[self.measure]
+        norm = 2.0 * d  # an RMSNorm: sum of squares, then the scale by rms and weight
+        classifier = 2.0 * d + (norm if config.classifier_input == "normed" else 0.0)
+        self.extra_macs = {"softmax": 0.0, "saturation": 3.0 * d, "cee_baseline": 3.0 * d + norm,
+                           "classifier": classifier}[self.measure]
 
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         return {"previous": torch.zeros(batch_size, self.model.backbone.hidden_size, device=device),
@@ -108,7 +119,7 @@ class ConfidenceRule:
             top2 = F.softmax(view.logits().float(), dim=-1).topk(2, dim=-1).values
             confidence = top2[:, 0] - top2[:, 1]
         elif self.measure == "classifier":
-            confidence = F.softmax(self.model.exit_classifier(hidden).float(), dim=-1)[:, 1]
+            confidence = F.softmax(self.model.classify(hidden, self.config.classifier_input).float(), dim=-1)[:, 1]
         else:  # saturation: undefined at a row's first exit point of this token (no previous state)
             current = self.model.backbone.model.model.norm(hidden) if self.measure == "cee_baseline" else hidden
             previous_layer = state["previous_layer"][view.rows]
@@ -134,6 +145,8 @@ class CALM:
         self.config = CALMConfig(**overrides)
         if self.config.confidence not in MEASURES:
             raise ValueError(f"calm: unknown confidence '{self.config.confidence}'; choose one of {MEASURES}")
+        if self.config.classifier_input not in ("normed", "raw"):
+            raise ValueError(f"calm: unknown classifier_input '{self.config.classifier_input}'; choose 'normed' or 'raw'")
         if self.config.variant not in ("paper", "cee_baseline"):
             raise ValueError(f"calm: unknown variant '{self.config.variant}'; choose 'paper' or 'cee_baseline'")
         if self.config.variant == "cee_baseline":
@@ -197,7 +210,8 @@ class CALM:
                 labels = (self.model.backbone.logits(hidden).argmax(-1) == top).long()
             positives = labels.float().mean()
             weights = torch.stack([positives, 1 - positives]).clamp_min(1e-3)  # w_neg = 1 - n_neg/n = n_pos/n
-            losses.append(F.cross_entropy(self.model.exit_classifier(hidden), labels, weight=weights))
+            logits = self.model.classify(hidden, self.config.classifier_input)
+            losses.append(F.cross_entropy(logits, labels, weight=weights))
         return torch.stack(losses).mean()
 
     def fit(self, trainer: Trainer) -> None:
@@ -217,7 +231,8 @@ class CALM:
         c = self.config
         return {"recipe": "calm-anytime+classifier", "exits_per_step": c.exits_per_step, "training_points": "every layer",
                 "classifier_epochs": c.classifier_epochs,
-                "classifier_lr": c.classifier_lr, "classifier_positions": c.classifier_positions}
+                "classifier_lr": c.classifier_lr, "classifier_positions": c.classifier_positions,
+                "classifier_input": c.classifier_input}
 
     # --- inference ------------------------------------------------------------------------------------------
 

@@ -149,3 +149,18 @@ def test_exit_set_is_an_inference_choice_sharing_one_checkpoint():
     sparse, _, _ = _calm(confidence="softmax", exit_interval=2, min_exit_layer=2)
     assert sparse.exit_points() == (2, 4) and sparse.training_points() == dense.training_points() == (1, 2, 3, 4, 5)
     assert sparse.training_signature() == dense.training_signature()
+
+
+def test_classifier_reads_the_final_normed_state_unless_raw():
+    """Default: the classifier sees norm(h) (what the shared head sees), so rescaling a state leaves its
+    confidence unchanged; `classifier_input="raw"` (the paper's M h) does not; both train the same way."""
+    normed, _, backbone = _calm(confidence="classifier")
+    raw, _, _ = _calm(confidence="classifier", classifier_input="raw")
+    raw.model.load_state_dict(normed.model.state_dict())
+    hidden = torch.randn(5, backbone.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(normed.model.classify(3.0 * hidden, "normed"), normed.model.classify(hidden, "normed"))
+        assert not torch.allclose(raw.model.classify(3.0 * hidden, "raw"), raw.model.classify(hidden, "raw"))
+    assert normed.training_signature()["classifier_input"] == "normed" != raw.training_signature()["classifier_input"]
+    with pytest.raises(ValueError, match="classifier_input"):
+        build_method("calm", classifier_input="logits")
