@@ -123,8 +123,10 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
     """Percentile bootstrap over dev examples of every operating point's primary metric.
 
     One row per (job_id, knob_label): `metric` (on all examples), `ci_low`, `ci_high` (0..1 scale like the
-    records). Draws are paired (see `bootstrap_draws`), so two points of one job can be compared; the
-    generator is seeded (`seed`), so the intervals are reproducible."""
+    records), and `diff_low`, `diff_high`: the interval of metric(point) - metric(the job's full model) from the
+    same resamples (paired: both are scored on the same examples, so the per-example spread they share cancels;
+    an interval that excludes 0 resolves the difference, where overlapping `ci_*` intervals need not mean
+    anything). The generator is seeded (`seed`), so the intervals are reproducible."""
     from eebench.tasks import get_task
 
     if not 0 < confidence < 1:
@@ -135,9 +137,13 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
     for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
         spec = get_task(point.task.iloc[0])
         metric = float(_point_metric(spec, point))
-        low, high = np.quantile(draws[(job_id, knob)], [(1 - confidence) / 2, (1 + confidence) / 2])
+        quantiles = [(1 - confidence) / 2, (1 + confidence) / 2]
+        low, high = np.quantile(draws[(job_id, knob)], quantiles)
+        full = draws.get((job_id, "full model"))
+        diff_low, diff_high = (np.nan, np.nan) if full is None else np.quantile(draws[(job_id, knob)] - full, quantiles)
         rows.append({"job_id": job_id, "task": spec.name, "method": point.method.iloc[0], "seed": point.seed.iloc[0],
-                     "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high)})
+                     "knob_label": knob, "metric": metric, "ci_low": float(low), "ci_high": float(high),
+                     "diff_low": float(diff_low), "diff_high": float(diff_high)})
     return pd.DataFrame(rows)
 
 

@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
         if name in ("points", "leaderboard"):
             command.add_argument("--ci", action="store_true",
-                                 help="add a 95%% bootstrap interval over dev examples (1000 resamples, seed 0)")
+                                 help="add 95%% bootstrap intervals over dev examples (1000 resamples, seed 0): of the "
+                                      "metric, and of its paired difference from the job's full model")
+        if name == "points":
+            command.add_argument("--all-metrics", action="store_true",
+                                 help="every metric of each point (generation: BERTScore, consistency) and tokens/s")
         if name == "leaderboard":
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
@@ -143,12 +147,13 @@ def cmd_points(args: argparse.Namespace) -> int:
     table = points_table(records)
     if args.ci:
         from eebench.analysis import bootstrap_intervals
-        intervals = bootstrap_intervals(args.results)[["job_id", "knob_label", "ci_low", "ci_high"]]
+        intervals = bootstrap_intervals(args.results)[["job_id", "knob_label", "ci_low", "ci_high", "diff_low",
+                                                       "diff_high"]]
         intervals["knob_label"] = intervals["knob_label"].where(intervals["knob_label"] != "full model", None)
         table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
         table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
         table = table.drop(columns="_knob")
-    text = points_markdown(table)
+    text = points_markdown(table, all_metrics=args.all_metrics)
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)
     return 0

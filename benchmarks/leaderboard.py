@@ -385,6 +385,12 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     denominator = timed.fillna(table["saved_layer_speedup"])
     for batch_size in wallclock.columns:  # how much of the saved layers the clock realises (GLOSSARY)
         table[f"realization_bs{batch_size}"] = wallclock[batch_size] / denominator
+    if "metrics" in first:  # every metric of the point, for `points_markdown(all_metrics=True)`
+        table["metrics"] = first["metrics"]
+    if "tokens_per_second" in records:  # generation: absolute decoding speed per timing batch size
+        speed = records.pivot_table(index=keys, columns="batch_size", values="tokens_per_second", aggfunc="first")
+        for batch_size in speed.columns:
+            table[f"tokens_per_second_bs{batch_size}"] = speed[batch_size]
     table = table.reset_index().sort_values(["task", "method", "seed", "saved_layer_speedup"], kind="stable")
     return table.reset_index(drop=True)
 
@@ -407,23 +413,41 @@ def _label_sweep_full_models(records: pd.DataFrame) -> pd.DataFrame:
     return records
 
 
-def points_markdown(table: pd.DataFrame, digits: int = 2) -> str:
-    """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``)."""
+def _difference(row: dict) -> str:
+    """The paired interval of metric - full model's, in points; '*' marks one that excludes 0 (resolved)."""
+    low, high = row.get("diff_low", math.nan), row.get("diff_high", math.nan)
+    if pd.isna(low) or str(row["knob_label"]).startswith("full model"):
+        return "—"
+    return f"{100 * low:+.1f} to {100 * high:+.1f}" + (" *" if low > 0 or high < 0 else "")
+
+
+def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = False) -> str:
+    """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``); `all_metrics`: also
+    every secondary metric (x100) and, for generation, tokens/s per timing batch size."""
     wall = [c for c in table.columns if c.startswith("wallclock_bs")]
     real = [c for c in table.columns if c.startswith("realization_bs")]
-    headers = ["task", "method", "seed", "operating point", "metric", "mean exit layer", "saved-layer",
+    extra, speed = [], []
+    if all_metrics:
+        primary = set(table["metric_name"])
+        dicts = [m for m in table.get("metrics", []) if isinstance(m, dict)]
+        extra = sorted({name for m in dicts for name in m} - primary)
+        speed = [c for c in table.columns if c.startswith("tokens_per_second_bs")]
+    headers = ["task", "method", "seed", "operating point", "metric", *extra, "mean exit layer", "saved-layer",
                "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall],
-               *[f"realization bs={c.removeprefix('realization_bs')}" for c in real], "fine-tuning (s)"]
+               *[f"realization bs={c.removeprefix('realization_bs')}" for c in real],
+               *[f"tok/s bs={c.removeprefix('tokens_per_second_bs')}" for c in speed], "fine-tuning (s)"]
     with_ci = "ci_low" in table
     if with_ci:
-        headers.insert(5, "95% CI")
+        headers[5:5] = ["95% CI", "vs full, 95% CI"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|"]
     for row in table.to_dict("records"):
-        ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}"] if with_ci else []
+        ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}", _difference(row)] if with_ci else []
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
-                 f"{row['metric_name']} {_pct(row['metric'], digits)}", *ci, f"{row['mean_exit_layer']:.2f}",
+                 f"{row['metric_name']} {_pct(row['metric'], digits)}", *ci,
+                 *[_pct((row.get("metrics") or {}).get(name), digits) for name in extra], f"{row['mean_exit_layer']:.2f}",
                  _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.2f}" for c in real],
+                 *["—" if pd.isna(row[c]) else f"{row[c]:.1f}" for c in speed],
                  "—" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -103,7 +103,7 @@ def test_rerun_skips_and_backbone_kind_mismatch_fails_before_work(store, tmp_pat
 
 
 def test_leaderboard_points_and_figures_read_generation_results(store):
-    from eebench.leaderboard import leaderboard, load_records, points_table, to_markdown
+    from eebench.leaderboard import leaderboard, load_records, points_markdown, points_table, to_markdown
     from eebench.plots.curves import write_figures
 
     out, _, _ = store
@@ -112,7 +112,11 @@ def test_leaderboard_points_and_figures_read_generation_results(store):
     board = leaderboard(records)
     assert set(board["method"]) == {"calm[saturation]", "calm[softmax]"}
     assert "calm[softmax]" in to_markdown(board)
-    assert len(points_table(records))
+    table = points_table(records)
+    assert len(table) and (table["tokens_per_second_bs1"] > 0).all()
+    text = points_markdown(table, all_metrics=True)
+    assert "bertscore_f1" in text and "consistency_rougeL" in text and "tok/s bs=1" in text
+    assert "bertscore_f1" not in points_markdown(table)
     paths = write_figures(out, speedups=("saved_layer_speedup", "wallclock_speedup"), formats=("png",))
     assert any(p.name == "dolly_saved_layer_speedup.png" for p in paths)
 

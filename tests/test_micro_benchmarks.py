@@ -18,3 +18,30 @@ def test_micro_benchmarks_run_once_each():
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "14 passed" in result.stdout
+
+
+def _script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "micro" / name), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_decoder_speed_script_runs_on_the_tiny_llama(tmp_path):
+    import json
+    out = tmp_path / "speed.json"
+    _script("decoder_speed.py", "--backbone", "tiny-llama", "--prompts", "2", "--new-tokens", "4", "--batch-sizes",
+            "1", "2", "--exit-layers", "3", "--repeats", "1", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch_size"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["same_tokens_as_generate"] and 0 < row["prefill_share_of_full"]
+        point = row["exit@3"]
+        assert point["saved_layer_speedup"] == 2.0 and point["decode_flops_speedup"] > point["flops_speedup"] > 1
+
+
+def test_calm_classifier_input_script_runs_on_the_tiny_llama():
+    printed = _script("calm_classifier_input.py", "--backbone", "tiny-llama", "--train-batches", "2",
+                      "--test-batches", "1", "--steps", "2", "--threads", "1")
+    assert "softmax top-1 - top-2 pooled AUC" in printed
+    assert sum(line.split()[0] in ("raw", "normed") for line in printed.splitlines()[2:]) == 2

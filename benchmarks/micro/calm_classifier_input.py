@@ -56,7 +56,10 @@ def balanced_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="a calm .pt (default: the backbone as shipped, for a smoke run)")
+    parser.add_argument("--backbone", help="default: the suite's (smollm2); tiny-llama for a smoke run")
+    parser.add_argument("--train-batches", type=int, default=50, help="batches of 8 training pairs (the suite's 800)")
+    parser.add_argument("--test-batches", type=int, default=13, help="batches of 8 dev pairs (100)")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--positions", type=int, default=256, help="positions per layer per training step")
     parser.add_argument("--threads", type=int, default=2)
@@ -64,15 +67,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     suite, spec = get_suite("generation-smollm2"), get_task("alpaca")
-    model = CALMModel(load_backbone(suite.backbone))
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    backbone_name = args.backbone or suite.backbone
+    model = CALMModel(load_backbone(backbone_name))
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     model.eval()
-    job = Job(method="calm", task="alpaca", seed=0, backbone=suite.backbone, train=suite.train)
+    job = Job(method="calm", task="alpaca", seed=0, backbone=backbone_name, train=suite.train)
     encode = evaluator_for(spec).encode_train
     train = encode(load_split(spec, "train", suite.data_dir, suite.train_limit, 0).examples, model.backbone, job, spec)
     dev = encode(load_split(spec, "dev", suite.data_dir, 100, 0).examples, model.backbone, job, spec)
-    x_train, y_train, _ = collect(model, train, batches=50, positions=128)
-    x_test, y_test, margin_test = collect(model, dev, batches=13, positions=128)
+    x_train, y_train, _ = collect(model, train, batches=args.train_batches, positions=128)
+    x_test, y_test, margin_test = collect(model, dev, batches=args.test_batches, positions=128)
     layers = list(x_train)
     pooled = torch.cat([y_test[layer] for layer in layers]).numpy()
     softmax_auc = roc_auc_score(pooled, torch.cat([margin_test[layer] for layer in layers]).numpy())
