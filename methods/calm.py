@@ -75,6 +75,13 @@ def decayed_threshold(threshold: float, step: int, max_steps: int, form: str, te
     raise ValueError(f"unknown decay form '{form}': use 'paper', 'code' or 'off'")
 
 
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE of logits (n, 2) against 0/1 labels (n,), each class weighted by the other's share of this batch."""
+    positives = labels.float().mean()
+    weights = torch.stack([positives, 1 - positives]).clamp_min(1e-3)  # w_neg = 1 - n_neg/n = n_pos/n
+    return F.cross_entropy(logits, labels, weight=weights)
+
+
 class CALMModel(nn.Module):
     """The decoder plus CALM's one extra module, the shared early-exit classifier Linear(d, 2)."""
 
@@ -208,10 +215,7 @@ class CALM:
             hidden = at(layer)
             with torch.no_grad():
                 labels = (self.model.backbone.logits(hidden).argmax(-1) == top).long()
-            positives = labels.float().mean()
-            weights = torch.stack([positives, 1 - positives]).clamp_min(1e-3)  # w_neg = 1 - n_neg/n = n_pos/n
-            logits = self.model.classify(hidden, self.config.classifier_input)
-            losses.append(F.cross_entropy(logits, labels, weight=weights))
+            losses.append(balanced_cross_entropy(self.model.classify(hidden, self.config.classifier_input), labels))
         return torch.stack(losses).mean()
 
     def fit(self, trainer: Trainer) -> None:

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from eebench.backbones import load_backbone
 from eebench.evaluation import evaluator_for
-from eebench.methods.calm import CALMConfig, CALMModel
+from eebench.methods.calm import CALMConfig, CALMModel, balanced_cross_entropy
 from eebench.runner import Job
 from eebench.suites import get_suite
 from eebench.tasks import get_task, load_split
@@ -47,11 +47,6 @@ def collect(model: CALMModel, data, batches: int, positions: int, batch_size: in
                 labels[layer].append((probs.argmax(-1) == top).long())
                 margins[layer].append(top2[:, 0] - top2[:, 1])
     return [{layer: torch.cat(v[layer]) for layer in v} for v in (states, labels, margins)]
-
-
-def balanced_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    positives = labels.float().mean()
-    return F.cross_entropy(logits, labels, weight=torch.stack([positives, 1 - positives]).clamp_min(1e-3))
 
 
 def main() -> None:
@@ -91,13 +86,13 @@ def main() -> None:
             optimiser = torch.optim.AdamW(model.exit_classifier.parameters(), lr=CALMConfig().classifier_lr)
             for _ in range(steps):
                 rows = torch.randint(0, len(y_train[layers[0]]), (args.positions,))
-                loss = torch.stack([balanced_ce(model.classify(x_train[layer][rows], reads), y_train[layer][rows])
+                loss = torch.stack([balanced_cross_entropy(model.classify(x_train[layer][rows], reads), y_train[layer][rows])
                                     for layer in layers]).mean()
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
             with torch.no_grad():
-                ce = torch.stack([balanced_ce(model.classify(x_test[layer], reads), y_test[layer]) for layer in layers])
+                ce = torch.stack([balanced_cross_entropy(model.classify(x_test[layer], reads), y_test[layer]) for layer in layers])
                 confidence = torch.cat([F.softmax(model.classify(x_test[layer], reads), -1)[:, 1] for layer in layers])
             print(f"{reads:7s} {steps:5d}  {ce.mean().item():20.3f}  {roc_auc_score(pooled, confidence.numpy()):10.3f}")
 
