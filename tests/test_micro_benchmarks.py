@@ -45,3 +45,12 @@ def test_calm_classifier_input_script_runs_on_the_tiny_llama():
                       "--test-batches", "1", "--steps", "2", "--threads", "1")
     assert "softmax top-1 - top-2 pooled AUC" in printed
     assert sum(line.split()[0] in ("raw", "normed") for line in printed.splitlines()[2:]) == 2
+
+
+def test_calm_saturation_script_runs_on_the_tiny_llama():
+    printed = _script("calm_saturation.py", "--backbone", "tiny-llama", "--pairs", "4", "--thresholds", "0.999", "0.5",
+                      "--threads", "1")
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.startswith(("0.999 ", "0.5 "))}
+    # the tiny model's layers are far from saturated: 0.999 never exits (mean exit = L = 6), 0.5 exits earlier
+    assert float(rows["0.999"][0]) == 6.0 and float(rows["0.5"][0]) < 6.0
+    assert "decayed lambda_t (paper form" in printed

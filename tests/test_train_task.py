@@ -34,4 +34,4 @@ def test_train_task_of_another_kind_is_rejected():
 def test_suite_shares_one_training_task_and_per_task_configs():
     jobs = get_suite("generation-smollm2").jobs()
     assert {j.trained_on for j in jobs} == {"alpaca"} and not any(j.train_task for j in jobs if j.task == "alpaca")
-    assert [j.method_config["thresholds"] for j in jobs if j.task == "cnndm"] == [(0.999, 0.99)]
+    assert [j.method_config["thresholds"] for j in jobs if j.task == "cnndm"] == [(0.8, 0.6)]

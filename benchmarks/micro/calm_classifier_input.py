@@ -49,6 +49,18 @@ def collect(model: CALMModel, data, batches: int, positions: int, batch_size: in
     return [{layer: torch.cat(v[layer]) for layer in v} for v in (states, labels, margins)]
 
 
+def load_calm_on_alpaca(checkpoint: str | None, backbone: str | None):
+    """(CALMModel in eval mode, an Alpaca Job, the generation-smollm2 suite, the alpaca TaskSpec) for a calm .pt
+    of that suite (None: the backbone as shipped)."""
+    suite, spec = get_suite("generation-smollm2"), get_task("alpaca")
+    backbone_name = backbone or suite.backbone
+    model = CALMModel(load_backbone(backbone_name))
+    if checkpoint:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model.eval()
+    return model, Job(method="calm", task="alpaca", seed=0, backbone=backbone_name, train=suite.train), suite, spec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a calm .pt (default: the backbone as shipped, for a smoke run)")
@@ -61,13 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    suite, spec = get_suite("generation-smollm2"), get_task("alpaca")
-    backbone_name = args.backbone or suite.backbone
-    model = CALMModel(load_backbone(backbone_name))
-    if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    model.eval()
-    job = Job(method="calm", task="alpaca", seed=0, backbone=backbone_name, train=suite.train)
+    model, job, suite, spec = load_calm_on_alpaca(args.checkpoint, args.backbone)
     encode = evaluator_for(spec).encode_train
     train = encode(load_split(spec, "train", suite.data_dir, suite.train_limit, 0).examples, model.backbone, job, spec)
     dev = encode(load_split(spec, "dev", suite.data_dir, 100, 0).examples, model.backbone, job, spec)
