@@ -50,8 +50,7 @@ def exit_profile(cosines: torch.Tensor, agrees: torch.Tensor, threshold: float) 
     """(mean exit layer, saved-layer speed-up, consistent share) for a constant threshold; exit points 2..L-1."""
     last = agrees.shape[1]
     candidates = cosines[:, :-1] >= threshold  # layers 2..L-1 (column j is layer j + 2)
-    first = torch.where(candidates.any(1), candidates.float().argmax(1) + 2, torch.full_like(candidates[:, 0], last,
-                                                                                         dtype=torch.long))
+    first = torch.where(candidates.any(1), candidates.float().argmax(1) + 2, last)  # argmax: the first True
     consistent = agrees.gather(1, (first - 1).unsqueeze(1)).float().mean().item()
     mean_exit = first.float().mean().item()
     return mean_exit, last / mean_exit, consistent
