@@ -249,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("EEBENCH_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"eebench: error: {message}\n(set EEBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", ()))  # e.g. which job's input failed
+        print(f"eebench: error: {message}{notes}\n(set EEBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

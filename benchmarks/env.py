@@ -20,9 +20,10 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        # Only code counts: results/ and README changes do not make the measured code "dirty".
+        # Only code counts: results/ and README changes do not make the measured code "dirty". An untracked
+        # file under the code folders does (a new module can change what runs); ignored ones (caches) do not.
         code = ["benchmarks", "methods", "plots", "pyproject.toml"]
-        dirty = subprocess.run(["git", "-C", str(source.parent), "status", "--porcelain", "--untracked-files=no",
+        dirty = subprocess.run(["git", "-C", str(source.parent), "status", "--porcelain", "--untracked-files=all",
                                 "--", *code], capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

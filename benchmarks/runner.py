@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eebench.backbones import is_decoder_name, load_backbone
-from eebench.env import environment
+from eebench.env import environment, git_commit
 from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_traceable: re-exported for tests)
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
@@ -160,13 +160,14 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train, pad_id: int,
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
         meta = json.loads(meta_path.read_text())
+        meta.setdefault("train_commit", "unknown (trained before checkpoints recorded it)")
         return {**meta, "checkpoint": key, "from_cache": True}
     stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
     evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
     trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
     started = time.perf_counter()
     method.fit(trainer)
-    meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages}
+    meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -232,21 +233,50 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             "metric_name": spec.primary_metric, "num_layers": backbone.num_layers, "device": device.type,
             "n_examples": len(data.dev), "job_id": job.job_id, "config": job.resolved(),
             "environment": environment(device), "train_seconds": training["train_seconds"],
-            "checkpoint": training["checkpoint"], "train_stages": training["stages"],
+            "checkpoint": training["checkpoint"], "checkpoint_commit": training["train_commit"],
+            "train_stages": training["stages"],
             "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
     return evaluator.evaluate(job, spec, method, model, backbone, data, base, progress, memo)
 
 
+def validate_jobs(jobs: list[Job]) -> None:
+    """Fail on bad input before any job runs: unknown names, bad method configs, and every job's data (each file
+    read and checked once, whatever the number of jobs that use it). Unsupported task kinds are not errors here:
+    `run_jobs` skips and reports those."""
+    checked: set[tuple] = set()
+    for job in jobs:
+        try:
+            check_supported(job)
+        except UnsupportedTaskError:
+            continue
+        try:
+            build_method(job.method, **job.method_config)
+            data_key = (job.task, job.train_task, job.data_dir, job.train_limit, job.eval_limit,
+                        job.selection_examples, job.seed)
+            if data_key not in checked:
+                load_job_data(job)
+                checked.add(data_key)
+        except (ValueError, KeyError, TypeError) as error:
+            error.add_note(f"(while checking job {job.describe()} before running any job; nothing was stored)")
+            raise
+
+
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
-    """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}"""
+    """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}.
+    Every pending job's input is checked first (`validate_jobs`), so bad input never touches the store."""
+    log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
+    finished = ResultsStore.finished_jobs(out_dir)
+    validate_jobs([job for job in jobs if job.job_id not in finished])
     store = ResultsStore(out_dir)
+    if store.adopted:
+        log(f"kept {len(store.adopted)} job(s) that only {store.records_path} held, as jobs/ files: "
+            f"{', '.join(store.adopted)}")
     finished = store.done()
     summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
     memo: dict = {}  # full-model generations per checkpoint and prompts, for this call only
-    log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
     for job in tqdm(jobs, desc="jobs", disable=not progress):
         if job.job_id in finished:
             summary["skipped"].append(job.describe())

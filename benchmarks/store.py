@@ -9,6 +9,11 @@ Every file is written to a temporary name in the same folder, fsync'ed and renam
 on POSIX), and a job's records file is written last. So a run killed at any moment leaves either a whole
 job or none of it; a restart skips the jobs present, and `records.jsonl` can never hold a torn line or
 the same job twice (it is regenerated from one file per job id).
+
+`records.jsonl` is derived, but a user may have merged lines into it (from another machine, or kept from an
+older version): before anything is rewritten, lines that no `jobs/` file backs are adopted into `jobs/` (so
+they survive every later rebuild), and lines the store cannot place (not JSON, no job id, or a job id whose
+`jobs/` file says otherwise) stop it with a `StoreError` that names the line and leaves every file as it was.
 """
 
 from __future__ import annotations
@@ -45,20 +50,73 @@ def _jsonl(records: Sequence[dict]) -> str:
     return "".join(json.dumps(record, sort_keys=True, allow_nan=True) + "\n" for record in records)
 
 
+def _canonical(records: Sequence[dict]) -> list[str]:
+    """Comparable form of records (NaN == NaN here, unlike in dict equality)."""
+    return [json.dumps(record, sort_keys=True, allow_nan=True) for record in records]
+
+
+class StoreError(ValueError):
+    """A results folder the store cannot use without losing a record; the message names the file and fix."""
+
+
 class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.jobs_dir = self.root / "jobs"
         self.examples_dir = self.root / "examples"
         self.records_path = self.root / "records.jsonl"
+        orphans = self._orphans()  # read-only, and first: a store it cannot read is left exactly as it was
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.examples_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*self.jobs_dir.glob(".*.tmp"), *self.examples_dir.glob(".*.tmp"), *self.root.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)  # leftovers of a run killed mid-write
+        for job_id, records in orphans.items():
+            atomic_write_text(self.jobs_dir / f"{job_id}.jsonl", _jsonl(records))
+        self.adopted: list[str] = sorted(orphans)  # job ids whose records only records.jsonl held
         self.rebuild()
 
+    @staticmethod
+    def finished_jobs(root: str | Path) -> set[str]:
+        """The job ids a store at `root` holds, without creating or changing anything there."""
+        jobs_dir = Path(root) / "jobs"
+        return {path.stem for path in jobs_dir.glob("*.jsonl")} if jobs_dir.is_dir() else set()
+
     def done(self) -> set[str]:
-        return {path.stem for path in self.jobs_dir.glob("*.jsonl")}
+        return self.finished_jobs(self.root)
+
+    def _orphans(self) -> dict[str, list[dict]]:
+        """Records of records.jsonl that no jobs/ file backs, by job id. Raises StoreError for a line that
+        cannot be placed; reads only."""
+        if not self.records_path.exists():
+            return {}
+        fix = (f"Fix: repair or remove that line of {self.records_path} (a copy elsewhere keeps it), then rerun; "
+               f"the store changed nothing")
+        by_job: dict[str, list[dict]] = {}
+        for lineno, line in enumerate(self.records_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise StoreError(f"{self.records_path}:{lineno}: not a JSON record ({error.msg}). {fix}") from None
+            job_id = record.get("job_id") if isinstance(record, dict) else None
+            if not isinstance(job_id, str) or not job_id or "/" in job_id:
+                raise StoreError(f"{self.records_path}:{lineno}: a record without a valid 'job_id', so no jobs/ file "
+                                 f"can hold it. {fix}")
+            by_job.setdefault(job_id, []).append(record)
+        orphans = {}
+        for job_id, records in by_job.items():
+            job_file = self.jobs_dir / f"{job_id}.jsonl"
+            if not job_file.exists():
+                orphans[job_id] = records
+                continue
+            backed = [json.loads(line) for line in job_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if _canonical(backed) != _canonical(records):
+                raise StoreError(f"{self.records_path}: job {job_id} has {len(records)} record(s) there and "
+                                 f"{len(backed)} different one(s) in {job_file}; rebuilding would lose one version. "
+                                 f"Fix: keep the version you want (move the other file's lines elsewhere), then "
+                                 f"rerun; the store changed nothing")
+        return orphans
 
     def commit(self, job_id: str, records: Sequence[dict], examples: pd.DataFrame | None = None) -> None:
         """Store one finished job: examples first, then its records (the marker), then the merged file."""

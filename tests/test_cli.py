@@ -64,6 +64,28 @@ def test_malformed_data_file_names_file_and_line(capsys, tmp_path):
     assert "train.tsv" in err and ":3" in err
 
 
+def test_bad_data_of_a_later_job_fails_before_the_first_job_and_leaves_the_store_alone(capsys, tmp_path):
+    """Every job's input is checked before any runs; a store holding merged lines is not rewritten by a failed run."""
+    data = tmp_path / "data"
+    for task, dev in (("SST-2", "sentence\tlabel\nfine\t1\n"), ("RTE", "index\tsentence1\tsentence2\tlabel\n0\ta\n")):
+        (data / task).mkdir(parents=True)
+        (data / task / "train.tsv").write_text((GLUE / task / "train.tsv").read_text().splitlines()[0] + "\n" +
+                                               "\n".join((GLUE / task / "train.tsv").read_text().splitlines()[1:40]) + "\n")
+        (data / task / "dev.tsv").write_text(dev)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"job_id": "from-another-machine", "metric": 0.5}\n')
+    code = main(["run", "--tasks", "sst2,rte", "--methods", "pabee", "--data-dir", str(data), "--out", str(out),
+                 "--cache-dir", str(cache), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "RTE/dev.tsv:2" in err and "expected 4 tab-separated columns" in err
+    assert "before running any job; nothing was stored" in err and "pabee / rte" in err
+    assert [p.name for p in out.iterdir()] == ["records.jsonl"]  # no jobs/, examples/: the store was never opened
+    assert (out / "records.jsonl").read_text() == '{"job_id": "from-another-machine", "metric": 0.5}\n'
+    assert not cache.exists()  # and nothing was trained
+
+
 def test_nan_loss_stops_the_job_and_stores_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(registry.BUILTIN_METHODS, "nanloss", "test_cli:NanLoss")
     out, cache = tmp_path / "out", tmp_path / "cache"

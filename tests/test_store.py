@@ -91,3 +91,40 @@ def test_cli_run_killed_and_restarted_resumes(tmp_path):
     assert len(keys) == len(set(keys)), "duplicated records after resume"
     assert len({r["job_id"] for r in lines}) == 4
     assert f"{len(first)} already done" in result.stdout
+
+
+def _snapshot(root):
+    return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_records_no_job_file_backs_are_kept_as_job_files(tmp_path):
+    """records.jsonl merged from another machine: reopening adopts those lines instead of rebuilding them away."""
+    store = ResultsStore(tmp_path)
+    store.commit("a", _records("a"))
+    merged = (tmp_path / "records.jsonl").read_text() + "".join(
+        json.dumps(r) + "\n" for r in [*_records("z", 2), {"job_id": "y", "x": float("nan")}])
+    (tmp_path / "records.jsonl").write_text(merged)
+    reopened = ResultsStore(tmp_path)
+    assert reopened.adopted == ["y", "z"]
+    assert reopened.done() == {"a", "y", "z"}
+    reopened.commit("b", _records("b"))  # a later job's rebuild keeps them too
+    ids = [r["job_id"] for r in _lines(tmp_path)]
+    assert sorted(ids) == ["a"] * 3 + ["b"] * 3 + ["y"] + ["z"] * 2
+    assert ResultsStore(tmp_path).adopted == []  # NaN-valued records compare equal to their job file
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    ("{not json\n", "records.jsonl:4: not a JSON record"),
+    ('{"i": 1}\n', "records.jsonl:4: a record without a valid 'job_id'"),
+    ('{"job_id": "a", "i": 99}\n', "job a has 4 record(s) there and 3 different one(s)"),
+])
+def test_unplaceable_records_stop_the_store_and_change_nothing(tmp_path, bad_line, expected):
+    store = ResultsStore(tmp_path)
+    store.commit("a", _records("a"), pd.DataFrame({"x": [1]}))
+    (tmp_path / "records.jsonl").write_text((tmp_path / "records.jsonl").read_text() + bad_line)
+    (tmp_path / "jobs" / ".b.jsonl.tmp").write_text("torn")  # a leftover it would otherwise clean up
+    before = _snapshot(tmp_path)
+    with pytest.raises(store_module.StoreError, match=expected.replace("(", r"\(").replace(")", r"\)")) as error:
+        ResultsStore(tmp_path)
+    assert "Fix:" in str(error.value)
+    assert _snapshot(tmp_path) == before

@@ -347,3 +347,17 @@ def test_selection_set_is_carved_out_when_nothing_is_left_over():
     assert sum((e.text_a, e.text_b) in pairs for e in selection.examples) <= 1  # RTE has a duplicate pair or two
     with pytest.raises(TaskError, match="selection_examples"):
         train_and_selection("rte", GLUE, None, len(whole), seed=0)
+
+
+def test_bad_utf8_byte_names_file_line_and_fix(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "dev.tsv").write_bytes(b"sentence\tlabel\ngood film\t1\nun caf\xe9 noir\t0\n")
+    with pytest.raises(MalformedDataError) as error:
+        load_split("sst2", "dev", tmp_path)
+    message = str(error.value)
+    assert "dev.tsv:3" in message and "0xe9" in message and "byte 7 of the line" in message and "iconv" in message
+    (folder / "dev.tsv").unlink()
+    (folder / "dev.jsonl").write_bytes(b'{"sentence": "ok", "label": 1}\n{"sentence": "caf\xe9", "label": 0}\n')
+    with pytest.raises(MalformedDataError, match=r"dev\.jsonl:2: bad UTF-8 byte 0xe9"):
+        load_split("sst2", "dev", tmp_path)

@@ -20,7 +20,9 @@ Every data problem raises a :class:`TaskError` whose message names the problem a
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import random
@@ -328,43 +330,58 @@ _TSV_FIX = "Fix: repair or delete that line (GLUE TSVs are tab-separated, read w
 _JSONL_FIX = "Fix: repair or delete that line (one JSON object per line, with HF field names)."
 
 
+def decoded_text(path: Path, fix: str) -> str:
+    """The file as UTF-8 text, a leading BOM dropped (MRPC has one). A bad byte is a MalformedDataError naming
+    file, 1-based line and byte: decoding the whole file at once is what lets us say where (a text-mode read
+    reports a position inside its read buffer, which names neither)."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise _malformed(f"{path}:{lineno}", f"bad UTF-8 byte 0x{data[e.start]:02x} at byte {e.start - line_start + 1} "
+                         f"of the line (the file must be UTF-8; re-encode it, e.g. `iconv -f latin1 -t utf-8`)",
+                         fix) from None
+
+
 def _read_tsv(spec: TaskSpec, path: Path) -> list[Example]:
     assert spec.tsv_columns is not None, f"task '{spec.name}' has no TSV layout"
     examples: list[Example] = []
-    # utf-8-sig strips MRPC's BOM (harmless elsewhere); QUOTE_NONE because GLUE text holds bare '"'.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        ncols, cols = spec.tsv_ncols, spec.tsv_columns
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:  # blank line (e.g. a trailing one)
-                continue
-            if ncols is None:  # header line: look the columns up by name
-                missing = [c for c in cols if c not in row]
-                if missing:
-                    raise _malformed(where, f"header {row} lacks column(s) {missing}",
-                                     f"Fix: use the GLUE {spec.folder} TSV, whose header has {list(cols)}.")
-                ncols, cols = len(row), tuple(row.index(c) for c in cols)
-                continue
-            if len(row) != ncols:
-                raise _malformed(where, f"expected {ncols} tab-separated columns, found {len(row)}", _TSV_FIX)
-            *texts, label = (row[int(c)] for c in cols)
-            examples.append(_make_example(spec, texts, label, where, _TSV_FIX))
+    # QUOTE_NONE because GLUE text holds bare '"'; newline="" as csv wants (no field spans lines without quoting).
+    reader = csv.reader(io.StringIO(decoded_text(path, _TSV_FIX), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    ncols, cols = spec.tsv_ncols, spec.tsv_columns
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not row:  # blank line (e.g. a trailing one)
+            continue
+        if ncols is None:  # header line: look the columns up by name
+            missing = [c for c in cols if c not in row]
+            if missing:
+                raise _malformed(where, f"header {row} lacks column(s) {missing}",
+                                 f"Fix: use the GLUE {spec.folder} TSV, whose header has {list(cols)}.")
+            ncols, cols = len(row), tuple(row.index(c) for c in cols)
+            continue
+        if len(row) != ncols:
+            raise _malformed(where, f"expected {ncols} tab-separated columns, found {len(row)}", _TSV_FIX)
+        *texts, label = (row[int(c)] for c in cols)
+        examples.append(_make_example(spec, texts, label, where, _TSV_FIX))
     return examples
 
 
 def _read_jsonl(spec: TaskSpec, path: Path) -> list[Example]:
-    with path.open(encoding="utf-8-sig") as f:
-        examples: list[Example] = []
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _malformed(where, f"invalid JSON ({e.msg} at column {e.colno})", _JSONL_FIX) from None
-            examples.append(_example_from_record(spec, record, where, _JSONL_FIX))
+    examples: list[Example] = []
+    for lineno, line in enumerate(io.StringIO(decoded_text(path, _JSONL_FIX)), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _malformed(where, f"invalid JSON ({e.msg} at column {e.colno})", _JSONL_FIX) from None
+        examples.append(_example_from_record(spec, record, where, _JSONL_FIX))
     return examples
 
 
