@@ -385,6 +385,11 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     denominator = timed.fillna(table["saved_layer_speedup"])
     for batch_size in wallclock.columns:  # how much of the saved layers the clock realises (GLOSSARY)
         table[f"realization_bs{batch_size}"] = wallclock[batch_size] / denominator
+    if "timing_flag" in records:  # why a wall-clock number is not to be trusted (eebench.timing.timing_flag)
+        flags = records.assign(timing_flag=records["timing_flag"].fillna("")).pivot_table(
+            index=keys, columns="batch_size", values="timing_flag", aggfunc="first")
+        for batch_size in flags.columns:
+            table[f"timing_flag_bs{batch_size}"] = flags[batch_size].fillna("")
     if "metrics" in first:  # every metric of the point, for `points_markdown(all_metrics=True)`
         table["metrics"] = first["metrics"]
     if "tokens_per_second" in records:  # generation: absolute decoding speed per timing batch size
@@ -424,7 +429,7 @@ def _difference(row: dict) -> str:
 def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = False) -> str:
     """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``); `all_metrics`: also
     every secondary metric (x100) and, for generation, tokens/s per timing batch size."""
-    wall = [c for c in table.columns if c.startswith("wallclock_bs")]
+    walls = [c for c in table.columns if c.startswith("wallclock_bs")]
     real = [c for c in table.columns if c.startswith("realization_bs")]
     extra, speed = [], []
     if all_metrics:
@@ -433,21 +438,34 @@ def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = Fa
         extra = sorted({name for m in dicts for name in m} - primary)
         speed = [c for c in table.columns if c.startswith("tokens_per_second_bs")]
     headers = ["task", "method", "seed", "operating point", "metric", *extra, "mean exit layer", "saved-layer",
-               "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in wall],
+               "FLOPs", *[f"wall-clock bs={c.removeprefix('wallclock_bs')}" for c in walls],
                *[f"realization bs={c.removeprefix('realization_bs')}" for c in real],
                *[f"tok/s bs={c.removeprefix('tokens_per_second_bs')}" for c in speed], "fine-tuning (s)"]
     with_ci = "ci_low" in table
     if with_ci:
         headers[5:5] = ["95% CI", "vs full, 95% CI"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|"]
+    flagged: list[str] = []
+
+    def wall(row: dict, column: str) -> str:
+        """The wall-clock cell, with a numbered mark when its timing was flagged (listed under the table)."""
+        flag = row.get(column.replace("wallclock_bs", "timing_flag_bs"), "")
+        if not isinstance(flag, str) or not flag:
+            return _speed(row[column])
+        flagged.append(f"{row['task']} / {row['method']} / {row['knob_label']} at batch size "
+                       f"{column.removeprefix('wallclock_bs')}: {flag}")
+        return f"{_speed(row[column])} †{len(flagged)}"
+
     for row in table.to_dict("records"):
         ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}", _difference(row)] if with_ci else []
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
                  f"{row['metric_name']} {_pct(row['metric'], digits)}", *ci,
                  *[_pct((row.get("metrics") or {}).get(name), digits) for name in extra], f"{row['mean_exit_layer']:.2f}",
-                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[_speed(row[c]) for c in wall],
+                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[wall(row, c) for c in walls],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.2f}" for c in real],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.1f}" for c in speed],
                  "—" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = ["", "Flagged timings (re-time on a quiet machine before quoting them):",
+             *[f"- †{i}: {text}" for i, text in enumerate(flagged, start=1)]] if flagged else []
+    return "\n".join(lines + notes) + "\n"

@@ -26,19 +26,22 @@ from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.store import ResultsStore, atomic_write_text
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
+from eebench.timing import TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How operating points are measured. Quality uses every dev example; wall-clock uses the first
-    `timing_examples` of them (the same ones for the full model and every point)."""
+    """How operating points are measured. Quality uses every dev example; wall-clock uses `timing_examples`
+    of them, a seeded random sample (`eebench.timing.timing_sample`; "first": the first N, as eebench timed
+    before the sample existed), the same ones for the full model, every point and every method of a task."""
 
     batch_size: int = 32                       # quality evaluation; exits are per example, so any size gives the same result
     timing_batch_sizes: tuple[int, ...] = (1, 32)
     timing_examples: int = 128
     timing_repeats: int = 3
     timing_warmup: int = 1
+    timing_sample: TimingSample = "random"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Job:
         for optional in ("selection_examples", "generation", "train_task"):
             if settings[optional] is None:
                 del settings[optional]  # absent, not null: job ids from before the setting existed hold
+        if settings["eval"]["timing_sample"] == "first":
+            del settings["eval"]["timing_sample"]  # what every job timed before the setting existed
         return settings
 
     @property

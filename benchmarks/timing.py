@@ -2,17 +2,30 @@
 
 Repeats are interleaved (full, point 1, point 2, ..., full, point 1, ...) so that slow drift of a noisy
 machine (frequency scaling, another process) hits every candidate alike; each candidate's time is the
-median of its repeats, after warm-up runs that are not counted.
+median of its repeats, after warm-up runs that are not counted. Every repeat is kept (`Timed`), so a record
+shows min, median and max; a round whose repeats spread too far is timed once more, and what stays
+implausible is flagged (`timing_flag`), never silently reported.
+
+What is timed is a seeded random sample of dev (`timing_sample`), the same for every method of a task: the
+first N examples of a dev set ordered by source (STS-B's first 128 are all MSRvid captions) are not typical.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
+import numpy as np
 import torch
+
+TIMING_SAMPLE_SEED = 0  # the timed examples: one seeded sample of dev, the same for every method and seed of a task
+MAX_PLAUSIBLE_REALIZATION = 1.15  # wall-clock beyond the saved layers by more than this is noise, not a result
+MAX_REPEAT_SPREAD = 0.25  # (max - min) / median of one candidate's repeats; beyond it the machine was not quiet
+TimingSample = Literal["random", "first"]
 
 
 class Clock(Protocol):
@@ -60,17 +73,93 @@ def clock_for(device: torch.device | str) -> Clock:
     return CudaClock(device) if torch.device(device).type == "cuda" else CpuClock()
 
 
+def timing_sample(size: int, n: int, how: TimingSample = "random", seed: int = TIMING_SAMPLE_SEED) -> list[int]:
+    """Indices (sorted, so batches keep dev order) of the `min(n, size)` examples that wall-clock runs on."""
+    n = min(n, size)
+    if how == "first":  # what eebench timed before the sample existed; kept to reproduce those records
+        return list(range(n))
+    if how != "random":
+        raise ValueError(f"timing_sample must be 'random' or 'first', got {how!r}")
+    return sorted(np.random.default_rng(seed).choice(size, n, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class Timed:
+    """The counted repeats of one candidate, in seconds."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0 for one repeat."""
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
+
+
+def interleaved_times(candidates: Mapping[str, Callable[[], object]], clock: Clock, repeats: int = 3,
+                      warmup: int = 1, retime_spread: float | None = MAX_REPEAT_SPREAD) -> dict[str, Timed]:
+    """Every candidate's counted repeats over `repeats` interleaved rounds, after `warmup` uncounted rounds.
+    When some candidate's repeats spread beyond `retime_spread`, all are timed once more (a burst of other
+    load hits one round, rarely two) and the run with the smaller worst spread is kept."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+
+    def measure() -> dict[str, Timed]:
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        for round_index in range(warmup + repeats):
+            for name, run in candidates.items():
+                clock.start()
+                run()
+                elapsed = clock.stop()
+                if round_index >= warmup:
+                    samples[name].append(elapsed)
+        return {name: Timed(tuple(values)) for name, values in samples.items()}
+
+    first = measure()
+    worst = max(timed.spread for timed in first.values())
+    if retime_spread is None or worst <= retime_spread:
+        return first
+    second = measure()
+    return second if max(timed.spread for timed in second.values()) < worst else first
+
+
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], clock: Clock,
                         repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median seconds per candidate over `repeats` interleaved rounds, after `warmup` uncounted rounds."""
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_index in range(warmup + repeats):
-        for name, run in candidates.items():
-            clock.start()
-            run()
-            elapsed = clock.stop()
-            if round_index >= warmup:
-                samples[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: timed.median for name, timed in
+            interleaved_times(candidates, clock, repeats, warmup, retime_spread=None).items()}
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS has none), stored with every timing."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def timing_flag(realization: float, point: Timed, full: Timed) -> str:
+    """Why a wall-clock number should not be trusted ("" when nothing is wrong)."""
+    reasons = []
+    if realization > MAX_PLAUSIBLE_REALIZATION:
+        reasons.append(f"realization {realization:.2f} > {MAX_PLAUSIBLE_REALIZATION}: faster than the saved layers allow")
+    spread = max(point.spread, full.spread)
+    if spread > MAX_REPEAT_SPREAD:
+        reasons.append(f"repeats spread {100 * spread:.0f}% > {100 * MAX_REPEAT_SPREAD:.0f}%: machine not quiet")
+    return "; ".join(reasons)
+
+
+def timing_fields(point: Timed, full: Timed, timed_saved_layer_speedup: float, load: float,
+                  wallclock_speedup: float | None = None) -> dict:
+    """The timing part of one record: speed-up (full median / point median unless given, e.g. in tokens/s),
+    every repeat, min/median/max, realization, load average and the flag."""
+    speedup = full.median / point.median if wallclock_speedup is None else wallclock_speedup
+    realization = speedup / timed_saved_layer_speedup
+    return {"wallclock_speedup": speedup, "wallclock_seconds": point.median, "full_wallclock_seconds": full.median,
+            "wallclock_seconds_repeats": list(point.seconds), "full_wallclock_seconds_repeats": list(full.seconds),
+            "wallclock_seconds_min": min(point.seconds), "wallclock_seconds_max": max(point.seconds),
+            "timed_saved_layer_speedup": timed_saved_layer_speedup, "realization": realization,
+            "load_average": load, "timing_flag": timing_flag(realization, point, full)}

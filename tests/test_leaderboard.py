@@ -16,6 +16,7 @@ from eebench.leaderboard import (
     load_records,
     operating_points,
     per_seed_scores,
+    points_markdown,
     points_table,
     to_markdown,
     write_leaderboard,
@@ -233,6 +234,18 @@ def test_points_table_reports_realization_per_batch_size():
     table = points_table(pd.DataFrame(rows)).set_index("knob_label")
     assert table.loc["t=0.1", "realization_bs1"] == pytest.approx(0.8)
     assert table.loc["t=0.1", "realization_bs32"] == pytest.approx(0.9)
+
+
+def test_points_markdown_marks_flagged_timings_and_lists_why():
+    rows = [make_record(is_full_model=True, timing_flag=""), make_record(speedup=1.0, wallclock_speedup=3.8,
+            timing_flag="realization 3.80 > 1.15: faster than the saved layers allow"),
+            make_record(is_full_model=True, batch_size=32, timing_flag=""),
+            make_record(speedup=1.0, wallclock_speedup=1.0, batch_size=32, timing_flag="")]
+    text = points_markdown(points_table(pd.DataFrame(rows)))
+    row = next(line for line in text.splitlines() if "| t=0.1 |" in line)
+    assert "3.80x †1" in row and "1.00x †" not in row  # only the flagged batch size is marked
+    assert "- †1: sst2 / alpha / t=0.1 at batch size 1: realization 3.80 > 1.15" in text
+    assert "†" not in points_markdown(points_table(pd.DataFrame(rows[2:])))
 
 
 def test_leaderboard_intervals_recompute_each_score_per_draw_and_average_seeds(records):

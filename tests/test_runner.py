@@ -40,6 +40,11 @@ def test_records_have_the_documented_fields(sst2_run):
         assert {"git_commit", "torch", "transformers", "device_name", "torch_threads", "dtype"} <= set(record["environment"])
         assert record["evaluation"] == "trace" and record["eval_seconds"] > 0  # layer-wise: one recorded pass
         assert record["curve_cost_ratio"] > 0 and record["n_points"] >= 2
+        # every timing repeat is kept, with the load it ran under and why it would be untrustworthy
+        assert len(record["wallclock_seconds_repeats"]) == 1 and record["wallclock_seconds"] > 0
+        assert isinstance(record["load_average"], float) and isinstance(record["timing_flag"], str)
+        assert record["realization"] == pytest.approx(record["wallclock_speedup"] / record["timed_saved_layer_speedup"])
+        assert record["config"]["eval"]["timing_sample"] == "random" and record["checkpoint_commit"]
     # one full-model row per job and batch size, knobs as objects
     full = [r for r in records if r["is_full_model"]]
     assert len(full) == 4 and all(r["knob"] == {} and r["saved_layer_speedup"] == 1.0 for r in full)
@@ -136,10 +141,16 @@ def test_pcee_and_pabee_share_one_fine_tuned_network(tmp_path):
 
 
 def test_job_ids_of_stored_results_stay_stable():
-    """New Job settings must not re-key old jobs: results/quick holds these ids."""
+    """New Job settings must not re-key old jobs: jobs timed on the first N dev examples (all stored before the
+    random timing sample) keep these ids; the random sample is another measurement, so another id."""
+    from dataclasses import replace
+
     from eebench.suites import get_suite
 
-    assert [job.job_id for job in get_suite("quick").jobs()] == ["32734c63393fbcca", "fc25e4f76a5037d8"]
+    jobs = get_suite("quick").jobs()
+    first_n = [replace(job, eval=replace(job.eval, timing_sample="first")).job_id for job in jobs]
+    assert first_n == ["32734c63393fbcca", "fc25e4f76a5037d8"]
+    assert not {job.job_id for job in jobs} & set(first_n)
 
 
 def test_selection_set_is_evaluated_and_picks_the_operating_point(tmp_path):

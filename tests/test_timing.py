@@ -2,7 +2,16 @@
 
 import pytest
 
-from eebench.timing import CpuClock, CudaClock, interleaved_medians
+from eebench.timing import (
+    CpuClock,
+    CudaClock,
+    Timed,
+    interleaved_medians,
+    interleaved_times,
+    timing_fields,
+    timing_flag,
+    timing_sample,
+)
 
 
 class FakeCuda:
@@ -64,3 +73,48 @@ def test_cpu_clock_measures_elapsed_time():
 def test_repeats_must_be_positive():
     with pytest.raises(ValueError):
         interleaved_medians({"a": lambda: None}, CpuClock(), repeats=0)
+
+
+def test_interleaved_times_keeps_every_repeat_and_retimes_a_noisy_round():
+    # round 1 (after one warm-up round): b's repeats spread 10 -> 30 ms; round 2 is quiet and is kept
+    cuda = FakeCuda([9, 9, 1.0, 10.0, 1.0, 30.0, 1.0, 20.0] + [9, 9, 1.0, 10.0, 1.0, 11.0, 1.0, 10.5])
+    timed = interleaved_times({"a": lambda: None, "b": lambda: None}, CudaClock("cuda", cuda=cuda), repeats=3, warmup=1)
+    assert timed["b"].seconds == pytest.approx((0.010, 0.011, 0.0105))
+    assert timed["b"].median == pytest.approx(0.0105) and timed["b"].spread == pytest.approx(0.001 / 0.0105)
+    noisy_twice = FakeCuda([9, 9, 1.0, 10.0, 1.0, 30.0] + [9, 9, 1.0, 10.0, 1.0, 40.0])
+    timed = interleaved_times({"a": lambda: None, "b": lambda: None}, CudaClock("cuda", cuda=noisy_twice), repeats=2)
+    assert timed["b"].seconds == pytest.approx((0.010, 0.030))  # the less noisy of the two runs
+    assert timing_flag(1.0, timed["b"], timed["a"]).startswith("repeats spread 100%")
+
+
+def test_timing_flags_name_what_is_implausible():
+    quiet, noisy = Timed((1.0, 1.01, 0.99)), Timed((1.0, 1.6, 1.1))
+    assert timing_flag(1.0, quiet, quiet) == ""
+    assert timing_flag(1.14, quiet, quiet) == ""
+    assert "realization 3.80 > 1.15" in timing_flag(3.8, quiet, quiet)  # e.g. a point that saves no layer, 3.8x faster
+    assert "machine not quiet" in timing_flag(1.0, quiet, noisy)
+    fields = timing_fields(Timed((0.5, 0.6, 0.4)), Timed((1.0, 1.0, 1.0)), timed_saved_layer_speedup=1.0, load=2.5)
+    assert fields["wallclock_speedup"] == pytest.approx(2.0) and fields["realization"] == pytest.approx(2.0)
+    assert fields["wallclock_seconds_min"] == 0.4 and fields["wallclock_seconds_max"] == 0.6
+    assert fields["wallclock_seconds_repeats"] == [0.5, 0.6, 0.4] and fields["load_average"] == 2.5
+    assert "realization 2.00" in fields["timing_flag"] and "spread 40%" in fields["timing_flag"]
+
+
+def test_timing_sample_is_seeded_and_representative_of_a_dev_set_ordered_by_source():
+    """STS-B dev is ordered by source: its first 128 pairs are all MSRvid captions, far shorter than the rest."""
+    from eebench.tasks import load_split
+
+    from conftest import GLUE
+
+    dev = load_split("stsb", "dev", GLUE).examples
+    words = [len((e.text_a + " " + (e.text_b or "")).split()) for e in dev]
+    sample = timing_sample(len(dev), 128)
+    assert sample == sorted(sample) == timing_sample(len(dev), 128) and len(set(sample)) == 128
+    assert timing_sample(len(dev), 128, "first") == list(range(128))
+    assert timing_sample(10, 128) == list(range(10))
+    whole = sum(words) / len(words)
+    first = sum(words[:128]) / 128
+    sampled = sum(words[i] for i in sample) / 128
+    assert abs(sampled - whole) < 0.1 * whole < abs(first - whole)
+    with pytest.raises(ValueError, match="'random' or 'first'"):
+        timing_sample(10, 5, "last")

@@ -1,7 +1,8 @@
 """Evaluation of classification and regression jobs: the whole knob grid on dev, wall-clock, records.
 
 Quality uses every dev example; traceable layer-wise methods replay every knob from one traced pass. Wall-clock
-runs the online `predict` path on the first `timing_examples` dev examples, at each timing batch size.
+runs the online `predict` path on a seeded sample of `timing_examples` dev examples (`eebench.timing`), at each
+timing batch size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from eebench.methods import check_exit_output
 from eebench.methods.exits import MultiExitModel, center_regression_heads
 from eebench.methods.protocol import ProtocolError
 from eebench.metrics import compute_metrics, predictions_from_logits
-from eebench.timing import clock_for, interleaved_medians
+from eebench.timing import Timed, clock_for, interleaved_times, load_average, timing_fields, timing_sample
 from eebench.training import Encoded, batch_indices, collate, encode
 
 
@@ -113,14 +114,15 @@ def _annotate(method, data: Encoded, batch_size: int, pad_id: int, device) -> di
     return {name: torch.cat(parts).numpy() for name, parts in columns.items()}
 
 
-def _time_points(method, dev: Encoded, points, eval_config, pad_id: int, device, progress: bool) -> dict:
-    """{batch_size: {knob label: median seconds to run the timing examples}}."""
-    n = min(eval_config.timing_examples, len(dev))
+def _time_points(method, dev: Encoded, sample: list[int], points, eval_config, pad_id: int, device, progress: bool
+                 ) -> dict[int, tuple[dict[str, Timed], float]]:
+    """{batch_size: ({knob label: repeats of running the sampled dev examples}, load average before)}."""
+    n = len(sample)
     clock = clock_for(device)
     result = {}
     for batch_size in eval_config.timing_batch_sizes:
         # Collate once, outside the timed region: tokenisation and padding are not what is measured.
-        batches = [collate(dev, indices, pad_id, device) for indices in batch_indices(n, batch_size)]
+        batches = [collate(dev, [sample[i] for i in indices], pad_id, device) for indices in batch_indices(n, batch_size)]
 
         def runner(knob, batches=batches):
             return lambda: [method.predict(batch, knob) for batch in batches]
@@ -128,10 +130,10 @@ def _time_points(method, dev: Encoded, points, eval_config, pad_id: int, device,
         candidates = {knob_label(knob): runner(knob) for knob in points}
         if progress:
             tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} examples")
-        result[batch_size] = interleaved_medians(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup)
+        load = load_average()
+        result[batch_size] = (interleaved_times(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup),
+                              load)
     return result
-
-
 
 
 def evaluate_classification(job, spec, method, model, backbone, data, base: dict, progress: bool
@@ -159,7 +161,8 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
         _predict_all(method, dev, None, job.eval.batch_size, pad_id, device, num_layers)
         full_eval_seconds = time.perf_counter() - started
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
-        timings = _time_points(method, dev, points, job.eval, pad_id, device, progress)
+        sample = timing_sample(len(dev), job.eval.timing_examples, job.eval.timing_sample)
+        timings = _time_points(method, dev, sample, points, job.eval, pad_id, device, progress)
         annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
         selection = {}
         if data.selection is not None:  # the same knobs on the held-out selection set, for choosing points
@@ -175,33 +178,30 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
         out = outputs[label]
         predictions = predictions_from_logits(spec, out["logits"])
         metrics = compute_metrics(spec, predictions, labels)
-        timed = min(job.eval.timing_examples, len(dev))  # wall-clock runs on dev[:timed]
         if "queries" in out:  # token-wise: q tokens updated per layer, all real tokens as keys (ExitOutput doc)
             keys = out["keys"] if "keys" in out else costs.layerwise_token_counts(out["exit_layer"], lengths, num_layers)
             flops = costs.example_flops(out["queries"], keys, out["head_macs"], info.hidden_size, info.intermediate_size)
             saved = float(num_layers * lengths.sum() / out["queries"].sum())
-            timed_saved = float(num_layers * lengths[:timed].sum() / out["queries"][:timed].sum())
+            timed_saved = float(num_layers * lengths[sample].sum() / out["queries"][sample].sum())
         else:
             flops = costs.layerwise_flops(out["exit_layer"], lengths, out["head_macs"], num_layers,
                                           info.hidden_size, info.intermediate_size)
             saved = costs.saved_layer_speedup(out["exit_layer"], num_layers)
-            timed_saved = costs.saved_layer_speedup(out["exit_layer"][:timed], num_layers)
+            timed_saved = costs.saved_layer_speedup(out["exit_layer"][sample], num_layers)
         point = {"knob": knob or {}, "knob_label": label, "is_full_model": knob is None,
                  "metric": metrics[spec.primary_metric], "metrics": metrics,
                  "mean_exit_layer": float(out["exit_layer"].mean()),
                  "mean_token_layer": float(out["queries"].sum() / lengths.sum()) if "queries" in out
                  else float(out["exit_layer"].mean()),
-                 "saved_layer_speedup": saved, "timed_saved_layer_speedup": timed_saved,
-                 "flops_speedup": costs.ratio(full_flops, flops), "mean_gflops": float(flops.mean() / 1e9)}
+                 "saved_layer_speedup": saved, "flops_speedup": costs.ratio(full_flops, flops),
+                 "mean_gflops": float(flops.mean() / 1e9)}
         if selection:
             held_out_predictions = predictions_from_logits(spec, selection[label]["logits"])
             point["selection_metric"] = compute_metrics(spec, held_out_predictions, held_out.labels.numpy())[spec.primary_metric]
             point["selection_saved_layer_speedup"] = costs.saved_layer_speedup(selection[label]["exit_layer"], num_layers)
-        for batch_size, seconds in timings.items():
-            records.append({**base, **point, "batch_size": batch_size,
-                            "wallclock_speedup": seconds["full model"] / seconds[label],
-                            "wallclock_seconds": seconds[label], "full_wallclock_seconds": seconds["full model"],
-                            "n_timed_examples": min(job.eval.timing_examples, len(dev))})
+        for batch_size, (timed, load) in timings.items():
+            records.append({**base, **point, "batch_size": batch_size, "n_timed_examples": len(sample),
+                            **timing_fields(timed[label], timed["full model"], timed_saved, load)})
         example_rows.append(pd.DataFrame({
             "job_id": job.job_id, "knob_label": label, "example": np.arange(len(dev)),
             "exit_layer": out["exit_layer"], "prediction": predictions, "label": labels, "n_tokens": lengths,

@@ -22,10 +22,9 @@ from eebench.evaluation.classification import knob_label
 from eebench.methods.decoding import DecodeLimits, GenerationOutput
 from eebench.methods.protocol import PromptBatch, ProtocolError
 from eebench.tasks.generation import render_prompt
-from eebench.timing import clock_for, interleaved_medians
+from eebench.timing import clock_for, interleaved_times, load_average, timing_fields, timing_sample
 from eebench.training import LMEncoded
 
-TIMING_SAMPLE_SEED = 0  # the timed prompts: the same seeded sample of dev for every method of a task
 MAX_PROMPT_TOKENS = 1024
 
 
@@ -128,9 +127,9 @@ def point_costs(out: dict, info) -> dict[str, float]:
 
 
 def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, num_layers, progress) -> dict:
-    """{batch size: {label: (median seconds, tokens generated, layers run)}} on a seeded sample of dev."""
-    n = min(job.eval.timing_examples, dev_size)
-    sample = sorted(np.random.default_rng(TIMING_SAMPLE_SEED).choice(dev_size, n, replace=False).tolist())
+    """{batch size: ({label: (repeats, tokens generated, layers run)}, load average)} on a seeded sample of dev."""
+    sample = timing_sample(dev_size, job.eval.timing_examples, job.eval.timing_sample)
+    n = len(sample)
     clock = clock_for(device)
     result = {}
     for batch_size in job.eval.timing_batch_sizes:
@@ -147,8 +146,9 @@ def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, n
         candidates = {knob_label(knob): runner(knob, knob_label(knob)) for knob in points}
         if progress:
             tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} prompts")
-        seconds = interleaved_medians(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup)
-        result[batch_size] = {label: (seconds[label], *counted[label]) for label in candidates}
+        load = load_average()
+        timed = interleaved_times(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup)
+        result[batch_size] = ({label: (timed[label], *counted[label]) for label in candidates}, load)
     return result, sample
 
 
@@ -263,16 +263,15 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
                  "flops_speedup": (full_costs["flops"] / full_costs["tokens"]) / (totals["flops"] / totals["tokens"]),
                  "mean_gflops_per_token": totals["flops"] / totals["tokens"] / 1e9,
                  "mean_generated_tokens": totals["tokens"] / len(prompts), "ltt_picks": picks.get(label, [])}
-        for batch_size, measured in timings.items():
-            seconds, tokens, layers = measured[label]
-            full_seconds, full_tokens, _ = measured["full model"]
-            tokens_per_second = tokens / seconds
-            full_tokens_per_second = full_tokens / full_seconds
-            records.append({**base, **point, "batch_size": batch_size, "wallclock_seconds": seconds,
-                            "full_wallclock_seconds": full_seconds, "tokens_per_second": tokens_per_second,
+        for batch_size, (measured, load) in timings.items():
+            timed, tokens, layers = measured[label]
+            full_timed, full_tokens, _ = measured["full model"]
+            # Speed-up in tokens/s: an early-exit model may stop at another length than the full model.
+            tokens_per_second, full_tokens_per_second = tokens / timed.median, full_tokens / full_timed.median
+            records.append({**base, **point, "batch_size": batch_size, "tokens_per_second": tokens_per_second,
                             "full_tokens_per_second": full_tokens_per_second,
-                            "wallclock_speedup": tokens_per_second / full_tokens_per_second,
-                            "timed_saved_layer_speedup": num_layers * tokens / layers})
+                            **timing_fields(timed, full_timed, num_layers * tokens / layers, load,
+                                            wallclock_speedup=tokens_per_second / full_tokens_per_second)})
         example_rows.append(pd.DataFrame({
             "job_id": job.job_id, "knob_label": label, "split": "dev", "example": np.arange(len(prompts)),
             "example_id": [e.example_id for e in data.dev.examples], "prompt_tokens": out["prompt_tokens"],
