@@ -6,11 +6,16 @@ first e - 1 layers, then its state is frozen but stays a key/value for the token
 (`EncoderBackbone.layer_for_positions`). Special and unseen ids run every layer. One head (pooler + dropout
 + linear) reads the top layer. Training is plain fine-tuning with the hashed exits in the forward pass, so
 each trade-off point (max_layer m, num_buckets B, hash) is its own fine-tune: a suite sweeps them.
+
+Three fidelity switches reproduce how the released code (txsun1997/HashEE, utils.py) departs from eebench's
+reading of spec 2.1: `mi_counts`, `incons_draws` and `ties` (see HashEEConfig). Their defaults are eebench's
+behaviour from before they existed, so stored checkpoints and job ids keep meaning what they meant.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,6 +27,9 @@ from eebench.methods.exits import ExitHead, exit_loss
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
 HASHES = ("frequency", "mi", "cluster", "random-cons", "random-incons")
+# Fidelity switches: name -> (eebench's reading = the default, the release's behaviour).
+SWITCHES = {"mi_counts": ("all", "skip-first"), "incons_draws": ("id-position", "occurrence"),
+            "ties": ("id", "first-seen")}
 
 
 @dataclass
@@ -30,6 +38,16 @@ class HashEEConfig:
     max_layer: int | None = None          # m; a token of bucket e runs e - 1 layers. Default L + 1 (no truncation)
     hash: str = "frequency"               # see HASHES
     seed: int = 0                         # random-* hashes and the k-means of `cluster`
+    # Defaults keep eebench's reading; the other value reproduces the release. Spec 2.1 defines MI over every
+    # occurrence, so the release's skip of an id's first occurrence in p(x, y) (singletons get MI 0, many ids
+    # negative MI) is a slip, not the reference.
+    mi_counts: str = "all"                # "skip-first": the release's counting (hash='mi')
+    # Spec 2.1 sends special ids to the top ([CLS] feeds the head); the release's random-incons draws for every
+    # occurrence, [CLS]/[SEP] included, so a sentence can be read from a [CLS] frozen after one layer.
+    incons_draws: str = "id-position"     # "occurrence": the release's draws (hash='random-incons')
+    # The spec leaves ties open; the release's stable sort keeps ids of equal count (or MI) in order of first
+    # appearance in the data, eebench puts the smaller id first (independent of data order).
+    ties: str = "id"                      # "first-seen": the release's order (hash='frequency' or 'mi')
 
 
 def bucket_table(ranked_ids: list[int], vocab_size: int, num_buckets: int, max_layer: int) -> torch.Tensor:
@@ -47,31 +65,64 @@ def bucket_table(ranked_ids: list[int], vocab_size: int, num_buckets: int, max_l
     return table
 
 
-def frequency_ranking(id_lists: list[list[int]], special_ids: set[int]) -> list[int]:
-    """Distinct non-special ids by descending count (ties: smaller id first, for determinism)."""
-    counts = Counter(i for ids in id_lists for i in ids if i not in special_ids)
-    return sorted(counts, key=lambda i: (-counts[i], i))
+def rank(scores: dict[int, float], ties: str = "id") -> list[int]:
+    """Ids by descending score. `scores` is in first-appearance order, so a stable sort on the score alone
+    gives the release's tie order ("first-seen"); "id" breaks ties by the smaller id."""
+    if ties == "first-seen":
+        return sorted(scores, key=lambda i: -scores[i])
+    return sorted(scores, key=lambda i: (-scores[i], i))
 
 
-def mutual_information_ranking(id_lists: list[list[int]], labels: list[int], special_ids: set[int]) -> list[int]:
-    """Distinct non-special ids by descending MI with a binary label (spec 2.1; p(x), p(x, y) over token
-    occurrences, p(y) over examples)."""
+def frequency_ranking(id_lists: list[list[int]], special_ids: set[int], ties: str = "id") -> list[int]:
+    """Distinct non-special ids by descending count (ties: see `rank`)."""
+    return rank(Counter(i for ids in id_lists for i in ids if i not in special_ids), ties)
+
+
+def mutual_information(id_lists: list[list[int]], labels: list[int], special_ids: set[int],
+                       counts: str = "all") -> dict[int, float]:
+    """MI of every distinct non-special id with a binary label (spec 2.1; p(x), p(x, y) over token occurrences,
+    p(y) over examples), in first-appearance order. counts="skip-first": as the release, an id's first
+    occurrence enters p(x) but not p(x, y), so a singleton scores 0 and an id spread evenly scores below 0."""
     if set(labels) - {0, 1}:
         raise ValueError("hash='mi' needs binary labels (the spec's formula); use hash='frequency'")
+    marginal: Counter = Counter()
     joint: Counter = Counter()
     for ids, label in zip(id_lists, labels, strict=True):
-        joint.update((i, label) for i in ids if i not in special_ids)
-    total = sum(joint.values())
+        for i in ids:
+            if i in special_ids:
+                continue
+            if counts == "all" or i in marginal:
+                joint[(i, label)] += 1
+            marginal[i] += 1
+    total = sum(marginal.values())
     p_label = {y: labels.count(y) / len(labels) for y in (0, 1)}
-    marginal: Counter = Counter()
-    for (i, _), count in joint.items():
-        marginal[i] += count
     scores = {}
     for i, count in marginal.items():
         p_x = count / total
         scores[i] = sum((joint[(i, y)] / total) * math.log((joint[(i, y)] / total) / (p_x * p_label[y]) + 1e-6)
                         for y in (0, 1) if p_label[y] > 0)
-    return sorted(scores, key=lambda i: (-scores[i], i))
+    return scores
+
+
+def mutual_information_ranking(id_lists: list[list[int]], labels: list[int], special_ids: set[int],
+                               counts: str = "all", ties: str = "id") -> list[int]:
+    """Distinct non-special ids by descending MI with a binary label."""
+    return rank(mutual_information(id_lists, labels, special_ids, counts), ties)
+
+
+def occurrence_buckets(ids: torch.Tensor, mask: torch.Tensor, num_buckets: int, step: int, seed: int) -> torch.Tensor:
+    """(B, S) buckets drawn independently for every real token, special ones included (the release's
+    random-incons). The release draws once per example when it prepares the data, so an example keeps its
+    draws across epochs; here the generator is seeded by the example's own ids, which keeps that, keeps
+    predictions independent of batching and padding, and makes runs reproducible (duplicate examples share
+    draws)."""
+    buckets = torch.zeros(ids.shape, dtype=torch.long)
+    for row, (row_ids, row_mask) in enumerate(zip(ids.tolist(), mask.tolist(), strict=True)):
+        real = [i for i, keep in zip(row_ids, row_mask, strict=True) if keep]
+        rng = np.random.default_rng([seed, zlib.crc32(np.asarray(real, dtype=np.int64).tobytes())])
+        buckets[row, torch.tensor(row_mask, dtype=torch.bool)] = torch.from_numpy(
+            2 + step * rng.integers(0, num_buckets, len(real)))
+    return buckets.to(ids.device)
 
 
 def cluster_buckets(embeddings: torch.Tensor, num_buckets: int, max_layer: int, special_ids: set[int],
@@ -103,6 +154,9 @@ class HashEE:
         self.config = HashEEConfig(**overrides)
         if self.config.hash not in HASHES:
             raise ValueError(f"unknown hash {self.config.hash!r}; choose one of {', '.join(HASHES)}")
+        for name, values in SWITCHES.items():
+            if getattr(self.config, name) not in values:
+                raise ValueError(f"unknown {name} {getattr(self.config, name)!r}; choose one of {', '.join(values)}")
         self.task_kind = "classification"
 
     def attach(self, backbone, task) -> nn.Module:
@@ -140,23 +194,28 @@ class HashEE:
                 id_lists.append([i for i, keep in zip(ids, mask, strict=True) if keep])
             labels.extend(int(y) for y in batch["labels"].tolist())
         if config.hash == "mi":
-            ranked = mutual_information_ranking(id_lists, labels, self.special_ids)
+            ranked = mutual_information_ranking(id_lists, labels, self.special_ids, config.mi_counts, config.ties)
         else:
-            ranked = frequency_ranking(id_lists, self.special_ids)
+            ranked = frequency_ranking(id_lists, self.special_ids, config.ties)
         return bucket_table(ranked, vocab_size, config.num_buckets, self.max_layer)
 
     def token_depths(self, batch: Batch) -> torch.Tensor:
-        """(B, S) layers each token runs: bucket - 1, capped at L; 0 at padding. `random-incons` draws a
-        bucket per occurrence from a fixed function of (id, position), so a prediction never depends on the
-        batch (the release draws fresh ones; this keeps runs reproducible)."""
+        """(B, S) layers each token runs: bucket - 1, capped at L; 0 at padding. `random-incons` with
+        incons_draws="id-position" takes a bucket per occurrence from a fixed function of (id, position) and
+        sends special ids to the top; "occurrence" draws as the release does (`occurrence_buckets`). Either
+        way a prediction never depends on the batch."""
         ids, L = batch["input_ids"], self.max_layer - 1
         buckets = self.model.buckets[ids]
         if self.config.hash == "random-incons":
-            positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-            mixed = (ids * 1_000_003 + positions * 7_919 + self.config.seed) % self.config.num_buckets
             step = max(1, (self.max_layer - 1) // self.config.num_buckets)
-            special = torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
-            buckets = torch.where(special, torch.full_like(ids, self.max_layer), 2 + step * mixed)
+            if self.config.incons_draws == "occurrence":
+                buckets = occurrence_buckets(ids, batch["attention_mask"], self.config.num_buckets, step,
+                                             self.config.seed)
+            else:
+                positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+                mixed = (ids * 1_000_003 + positions * 7_919 + self.config.seed) % self.config.num_buckets
+                special = torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
+                buckets = torch.where(special, torch.full_like(ids, self.max_layer), 2 + step * mixed)
         depths = (buckets - 1).clamp(max=L)
         return depths * batch["attention_mask"].long()
 
@@ -195,5 +254,10 @@ class HashEE:
                           token_layers=depths if hashed else None)
 
     def training_signature(self) -> dict:
-        return {"recipe": "hashee", "num_buckets": self.config.num_buckets, "max_layer": self.config.max_layer,
-                "hash": self.config.hash, "seed": self.config.seed}
+        signature = {"recipe": "hashee", "num_buckets": self.config.num_buckets, "max_layer": self.config.max_layer,
+                     "hash": self.config.hash, "seed": self.config.seed}
+        # A switch enters the checkpoint key only off its default: keys of checkpoints trained before the
+        # switches existed (all at the default) stay as they were.
+        signature.update({name: getattr(self.config, name) for name, (default, _) in SWITCHES.items()
+                          if getattr(self.config, name) != default})
+        return signature

@@ -1,5 +1,6 @@
 """HashEE against its spec: bucket filling, rankings, depth semantics (bucket e = e - 1 layers, special ids to
-the top, padding never active), and token-weighted costs through the runner."""
+the top, padding never active), token-weighted costs through the runner, and the three switches that reproduce
+the released code (mi_counts, incons_draws, ties) on hand-checked token streams."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from eebench.leaderboard import load_records
-from eebench.methods.hashee import HashEE, bucket_table, frequency_ranking, mutual_information_ranking
+from eebench.methods.hashee import (
+    HashEE,
+    bucket_table,
+    frequency_ranking,
+    mutual_information,
+    mutual_information_ranking,
+)
 from eebench.runner import run_jobs
 
 from conftest import tiny_job
@@ -40,6 +47,110 @@ def test_mutual_information_ranking_by_hand():
     assert mutual_information_ranking(ids, labels, special_ids=set()) == [1, 3, 2]
     with pytest.raises(ValueError, match="binary"):
         mutual_information_ranking(ids, [0, 1, 2, 0], set())
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from eebench.backbones import load_backbone
+
+    return load_backbone("tiny-bert", seed=0)  # 4 layers -> m = 5; special ids 0, 100-103
+
+
+def attached(backbone, **config) -> HashEE:
+    from eebench.tasks import get_task
+
+    method = HashEE(**config)
+    method.attach(backbone, get_task("graded"))
+    return method
+
+
+class ListTrainer:
+    """The one Trainer call `build_table` makes: the training examples in order, as one padded batch."""
+
+    def __init__(self, id_lists: list[list[int]], labels: list[int]):
+        width = max(map(len, id_lists))
+        self.batch = {"input_ids": torch.tensor([ids + [0] * (width - len(ids)) for ids in id_lists]),
+                      "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in id_lists]),
+                      "labels": torch.tensor(labels)}
+
+    def batches(self, shuffle: bool = False):
+        yield self.batch
+
+
+# T = 8 occurrences, p(y) = 1/2. Id 1: once (y = 0). Id 2: y = 1, 1, 0. Id 3: y = 1, then 0, 0, 0.
+MI_IDS, MI_LABELS = [[2, 3], [2], [3, 3, 3], [1, 2]], [1, 1, 0, 0]
+
+
+def test_mi_release_counting_skips_first_occurrences_by_hand():
+    log = np.log
+    exact = mutual_information(MI_IDS, MI_LABELS, set())
+    assert exact[1] == pytest.approx(1 / 8 * log(2), rel=1e-4)
+    assert exact[2] == pytest.approx(2 / 8 * log(4 / 3) + 1 / 8 * log(2 / 3), rel=1e-4)
+    assert exact[3] == pytest.approx(1 / 8 * log(1 / 2) + 3 / 8 * log(3 / 2), rel=1e-4)
+    # release: first occurrences (1: y0; 2: y1; 3: y1) leave p(x, y) but stay in p(x) and in T
+    release = mutual_information(MI_IDS, MI_LABELS, set(), counts="skip-first")
+    assert release[1] == 0.0                                                     # a singleton: MI 0
+    assert release[2] == pytest.approx(2 / 8 * log(2 / 3), rel=1e-4) and release[2] < 0  # 1 and 1 of 3: negative
+    assert release[3] == pytest.approx(3 / 8 * log(3 / 2), rel=1e-4)
+    assert mutual_information_ranking(MI_IDS, MI_LABELS, set()) == [1, 3, 2]
+    assert mutual_information_ranking(MI_IDS, MI_LABELS, set(), counts="skip-first") == [3, 1, 2]
+
+
+def test_frequency_ties_by_id_or_in_order_of_first_appearance():
+    # 5 x3; 9, 7 and 4 x2 each, first seen in that order
+    ids = [[101, 9, 5, 102], [101, 7, 5, 4, 102], [101, 5, 4, 7, 9, 102]]
+    assert frequency_ranking(ids, {101, 102}) == [5, 4, 7, 9]
+    assert frequency_ranking(ids, {101, 102}, ties="first-seen") == [5, 9, 7, 4]
+    # in the release's MI too: with skip-first every singleton ties at 0, 8 before 6 as first seen
+    assert mutual_information_ranking([[8, 6]], [1], set(), counts="skip-first", ties="first-seen") == [8, 6]
+    assert mutual_information_ranking([[8, 6]], [1], set(), counts="skip-first") == [6, 8]
+
+
+def test_switches_change_the_bucket_table(tiny_backbone):
+    cls, sep = 101, 102
+    mi_trainer = ListTrainer([[cls, *ids, sep] for ids in MI_IDS], MI_LABELS)
+    # B = 3, m = 5: step 1, one id per bucket, in ranked order at e = 2, 3, 4
+    table = attached(tiny_backbone, hash="mi", num_buckets=3).build_table(mi_trainer)
+    assert table[[1, 3, 2, cls, sep]].tolist() == [2, 3, 4, 5, 5]
+    table = attached(tiny_backbone, hash="mi", num_buckets=3, mi_counts="skip-first").build_table(mi_trainer)
+    assert table[[3, 1, 2, cls, sep]].tolist() == [2, 3, 4, 5, 5]
+
+    freq_trainer = ListTrainer([[cls, 9, 5, sep], [cls, 7, 5, 4, sep], [cls, 5, 4, 7, 9, sep]], [0, 1, 0])
+    # B = 2, m = 5: step 2, two ids per bucket at e = 2, 4: ids 4 and 9 swap depths
+    table = attached(tiny_backbone, num_buckets=2).build_table(freq_trainer)
+    assert table[[5, 4, 7, 9]].tolist() == [2, 2, 4, 4]
+    table = attached(tiny_backbone, num_buckets=2, ties="first-seen").build_table(freq_trainer)
+    assert table[[5, 9, 7, 4]].tolist() == [2, 2, 4, 4]
+
+
+def test_random_incons_release_draws_per_occurrence_special_tokens_included(tiny_backbone):
+    cls, sep = 101, 102
+    rows = [[cls, 2000 + r, 2001, sep] for r in range(12)]
+    batch = {"input_ids": torch.tensor([row + [0] for row in rows]), "attention_mask": torch.tensor([[1] * 4 + [0]] * 12)}
+    default = attached(tiny_backbone, hash="random-incons", num_buckets=4).token_depths(batch)
+    assert (default[:, 0] == 4).all() and (default[:, 3] == 4).all()  # eebench: special ids run all 4 layers
+    release = attached(tiny_backbone, hash="random-incons", num_buckets=4, incons_draws="occurrence")
+    depths = release.token_depths(batch)
+    assert depths[:, 4].tolist() == [0] * 12 and set(depths[:, :4].flatten().tolist()) <= {1, 2, 3, 4}
+    assert len(set(depths[:, 0].tolist())) > 1 and int(depths[:, 0].min()) < 4  # [CLS]'s depth varies, exits early
+    assert len(set(depths[:, 3].tolist())) > 1  # and so does [SEP]'s
+    assert len(set(depths[:, 2].tolist())) > 1  # id 2001 at position 2 too (a fixed id-position would not)
+    # an example keeps its draws (epochs, batching, padding): row 5 alone, unpadded
+    alone = release.token_depths({"input_ids": torch.tensor([rows[5]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    assert alone.tolist() == [depths[5, :4].tolist()] and torch.equal(release.token_depths(batch), depths)
+    logits, _ = release.forward(batch)  # the head reads a [CLS] frozen below the top
+    assert torch.isfinite(logits).all()
+
+
+def test_switches_at_their_defaults_leave_checkpoint_keys_alone():
+    old = {"recipe": "hashee", "num_buckets": 6, "max_layer": None, "hash": "frequency", "seed": 0}
+    assert HashEE().training_signature() == old
+    assert HashEE(mi_counts="all", incons_draws="id-position", ties="id").training_signature() == old
+    assert HashEE(hash="mi", mi_counts="skip-first").training_signature() == {**old, "hash": "mi",
+                                                                             "mi_counts": "skip-first"}
+    assert HashEE(ties="first-seen").training_signature()["ties"] == "first-seen"
+    with pytest.raises(ValueError, match="incons_draws"):
+        HashEE(incons_draws="fresh")
 
 
 def test_token_depths_follow_the_buckets():

@@ -3,22 +3,34 @@
 Each method is trained for a few steps on a tiny random backbone and a slice of real data, then:
 exits have batch shape and lie in 1..L; the first (largest-budget) knob reproduces the full model;
 per-example exits do not depend on the batch (batched == one at a time); cost never exceeds full depth.
+
+Installed plugins are parametrized too, and are judged only on what the protocol makes them guarantee. Whether
+some knob exits early on a tiny random network trained for a few steps is a property of that network (a
+confidence threshold of 0.8 is never reached by near-uniform logits), so it is asserted for the built-in
+methods only, as a check that their exit rules are wired, and is a warning for a plugin.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
 from eebench.backbones import load_backbone
-from eebench.methods import ExitOutput, build_method, check_exit_output, get_method_class, method_names
+from eebench.methods import (
+    ExitOutput,
+    build_method,
+    check_exit_output,
+    get_method_class,
+    list_methods,
+    method_names,
+)
 from eebench.methods.protocol import check_method_class
 from eebench.tasks import get_task, load_split
 from eebench.training import LoopTrainer, collate, encode
 
 from conftest import FAST_TRAIN, GLUE
-
-BUILTINS = method_names()
 
 
 def _trained(method_name: str, task_name: str):
@@ -37,7 +49,8 @@ def _trained(method_name: str, task_name: str):
 
 
 def _cases():
-    for name in BUILTINS:
+    """Every registered method (installed plugins included) on each task kind it supports."""
+    for name in method_names():
         kinds = get_method_class(name).task_kinds
         if "classification" in kinds:
             yield pytest.param((name, "graded"), id=f"{name}-classification")
@@ -78,7 +91,15 @@ def test_every_knob_gives_batch_shaped_exits_within_depth(trained):
                 assert (out.token_layers[~mask] == 0).all() and (out.token_layers[mask] >= 1).all()
                 assert (out.token_layers.amax(1) == out.exit_layer).all()
                 any_early |= bool((out.token_layers[mask] < L).any())
-    assert any_early, "no knob ever exits early: the exit rule is not wired"
+    if _origin(type(method).name) == "built-in":
+        assert any_early, "no knob ever exits early: the exit rule is not wired"
+    elif not any_early:
+        warnings.warn(f"plugin method '{type(method).name}': no knob exited early on the tiny random backbone; "
+                      f"check on a trained model that its exit rule is wired", stacklevel=1)
+
+
+def _origin(name: str) -> str:
+    return {info.name: info.origin for info in list_methods()}.get(name, "unknown")
 
 
 def test_largest_budget_knob_equals_full_model(trained):
