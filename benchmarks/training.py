@@ -164,16 +164,26 @@ class LoopTrainer:
         self.stage_cache.save(self.model, name, signature, self.stages[first:])
         return False
 
-    def batches(self, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[dict]:
+    def batches(self, shuffle: bool = False, generator: torch.Generator | None = None,
+                batch_size: int | None = None) -> Iterator[dict]:
+        """`batch_size` None = the suite's (`config.batch_size`)."""
         if shuffle and generator is None:
             generator = torch.Generator().manual_seed(self.seed)
-        for indices in batch_indices(len(self.data), self.config.batch_size, generator if shuffle else None):
+        size = batch_size or self.config.batch_size
+        for indices in batch_indices(len(self.data), size, generator if shuffle else None):
             yield self.data.collate(indices, self.pad_id, self.device)
 
     def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[dict], torch.Tensor], *,
-              stage: str, epochs: float | None = None, lr: float | None = None) -> dict[str, float | str]:
+              stage: str, epochs: float | None = None, lr: float | None = None, batch_size: int | None = None,
+              clip_params: Iterable[nn.Parameter] | None = None) -> dict[str, float | str]:
+        """One stage. `epochs`, `lr`, `batch_size`: None = the suite's (a method's release may use its own per
+        stage). `clip_params`: the parameters whose joint gradient norm is clipped to `max_grad_norm`; None =
+        the trained ones. A release that clips `model.parameters()` also counts gradients that reach frozen
+        parts in that norm (DeeBERT's stage 2), so its steps are clipped harder."""
         config = self.config
         epochs = config.epochs if epochs is None else epochs
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"stage '{stage}': batch_size must be >= 1 or None (the suite's), got {batch_size}")
         unique = list({id(p): p for p in params if p.requires_grad}.values())  # shared modules appear twice
         if not unique:
             raise ValueError(f"stage '{stage}': no trainable parameters were given")
@@ -184,14 +194,18 @@ class LoopTrainer:
 
             with lora_stage(self.model, unique, config.lora_rank, config.lora_alpha, config.lora_targets,
                             config.lora_dropout) as trainable:
-                return self._optimise(trainable, loss_fn, stage, epochs, lr, stage_seed)
-        return self._optimise(unique, loss_fn, stage, epochs, lr, stage_seed)
+                return self._optimise(trainable, loss_fn, stage, epochs, lr, stage_seed, batch_size, clip_params)
+        return self._optimise(unique, loss_fn, stage, epochs, lr, stage_seed, batch_size, clip_params)
 
     def _optimise(self, unique: list[nn.Parameter], loss_fn, stage: str, epochs: float, lr: float | None,
-                  stage_seed: int) -> dict[str, float | str]:
+                  stage_seed: int, batch_size: int | None = None,
+                  clip_params: Iterable[nn.Parameter] | None = None) -> dict[str, float | str]:
         config = self.config
+        batch_size = batch_size or config.batch_size
+        # Listed here, inside a LoRA stage, so that `model.parameters()` includes the adapters being trained.
+        clipped = unique if clip_params is None else list({id(p): p for p in clip_params}.values())
         generator = torch.Generator().manual_seed(stage_seed)
-        steps_per_epoch = math.ceil(len(self.data) / config.batch_size)
+        steps_per_epoch = math.ceil(len(self.data) / batch_size)
         total_steps = max(1, math.ceil(epochs * steps_per_epoch))
         optimizer = torch.optim.AdamW(unique, lr=lr or config.lr, eps=config.adam_eps, weight_decay=config.weight_decay)
         schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -200,7 +214,7 @@ class LoopTrainer:
         logged: dict[str, float] = {}
         bar = tqdm(total=total_steps, desc=stage, disable=not self.progress, leave=False, unit="step")
         while step < total_steps:
-            for step_in_epoch, batch in enumerate(self.batches(shuffle=True, generator=generator)):
+            for step_in_epoch, batch in enumerate(self.batches(shuffle=True, generator=generator, batch_size=batch_size)):
                 batch["step_in_epoch"] = step_in_epoch  # mini-batch index within the epoch (BERxiT alternates on it)
                 loss = loss_fn(batch)
                 if isinstance(loss, tuple):  # (loss, {name: float}): training statistics the method logs
@@ -214,7 +228,7 @@ class LoopTrainer:
                         f"lower the learning rate (now {lr or config.lr}) or check the data labels. "
                         "Nothing was cached or recorded for this job.")
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(unique, config.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(clipped, config.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 self.model.zero_grad(set_to_none=True)  # frozen parts may have received gradients too
@@ -226,7 +240,7 @@ class LoopTrainer:
                     break
         bar.close()
         self.model.eval()
-        record = {"stage": stage, "steps": total_steps, "epochs": epochs, "final_loss": running,
+        record = {"stage": stage, "steps": total_steps, "epochs": epochs, "batch_size": batch_size, "final_loss": running,
                   "seconds": time.perf_counter() - started, **({"lora_rank": config.lora_rank} if config.lora_rank else {})}
         record.update({f"mean_{key}": value / total_steps for key, value in logged.items()})
         self.stages.append(record)

@@ -22,9 +22,22 @@ from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 ENTROPY_GRID = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
+CLIP_SCOPES = ("off_ramps", "model")
+
+
 @dataclass
 class DeeBERTConfig:
     entropy_grid: tuple[float, ...] = ENTROPY_GRID
+    # Stage 2's gradient clipping (max norm 1.0 either way). "off_ramps" (eebench): the frozen backbone runs
+    # without autograd and the norm is the off-ramps' own. "model" (run_highway_glue.py): the off-ramp loss is
+    # back-propagated through the frozen backbone (never detached there) and clip_grad_norm_(model.parameters())
+    # counts those backbone gradients in the norm, so the off-ramp steps are clipped harder; the backbone is
+    # still not updated. Clipping model.parameters() WITHOUT the backbone gradients would change nothing.
+    stage2_clip_scope: str = "off_ramps"
+
+    def __post_init__(self):
+        if self.stage2_clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"stage2_clip_scope must be one of {CLIP_SCOPES}, not {self.stage2_clip_scope!r}")
 
 
 def entropy_rule(threshold: float) -> StatelessRule:
@@ -57,7 +70,7 @@ class DeeBERT:
         return self.model
 
     def fit(self, trainer: Trainer) -> None:
-        two_stage_fit(self.model, trainer, self.task_kind)
+        two_stage_fit(self.model, trainer, self.task_kind, clip_scope=self.config.stage2_clip_scope)
 
     def knobs(self, task, num_layers: int) -> list[Knob]:
         grid = list(self.config.entropy_grid)
@@ -75,25 +88,29 @@ class DeeBERT:
         return self.model.early_exit(batch, self.exit_rule(knob))
 
     def training_signature(self) -> dict:
-        # The entropy grid is an exit-rule setting, not a training one.
-        return {"recipe": "deebert-two-stage"}
+        # The entropy grid is an exit-rule setting, not a training one. The clip scope only when it is the
+        # release's: checkpoints trained before the switch existed keep their keys.
+        scope = self.config.stage2_clip_scope
+        return {"recipe": "deebert-two-stage", **({"stage2_clip_scope": scope} if scope != "off_ramps" else {})}
 
 
-def two_stage_fit(model: MultiExitModel, trainer: Trainer, kind: str) -> None:
+def two_stage_fit(model: MultiExitModel, trainer: Trainer, kind: str, clip_scope: str = "off_ramps") -> None:
     """DeeBERT's training (also BERxiT's 2STG routine): (1) backbone + final classifier on the final loss;
     (2) off-ramps only, on the unweighted SUM of their losses (spec pitfall 2), over the frozen backbone
-    with its dropout still on; a fresh AdamW and schedule with the same epochs and lr per stage (spec section 3)."""
+    with its dropout still on; a fresh AdamW and schedule with the same epochs and lr per stage (spec section 3).
+    `clip_scope`: see `DeeBERTConfig.stage2_clip_scope`."""
     last = model.num_layers
+    release_clip = clip_scope == "model"
 
     def final_loss(batch: Batch) -> torch.Tensor:
         (logits,) = model.all_exit_logits(batch, layers=[last])
         return exit_loss(logits, batch["labels"], kind)
 
     def offramp_loss(batch: Batch) -> torch.Tensor:
-        logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=False)
+        logits = model.all_exit_logits(batch, layers=range(1, last), backbone_grad=release_clip)
         return sum(exit_loss(z, batch["labels"], kind) for z in logits)
 
     trainer.train([*model.backbone.parameters(), *model.heads[-1].parameters()], final_loss,
                   stage="stage1: backbone + final classifier")
     trainer.train([p for head in model.heads[:-1] for p in head.parameters()], offramp_loss,
-                  stage="stage2: off-ramps, backbone frozen")
+                  stage="stage2: off-ramps, backbone frozen", clip_params=model.parameters() if release_clip else None)

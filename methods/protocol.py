@@ -69,10 +69,13 @@ class Trainer(Protocol):
     """The optimisation plumbing the runner lends to `fit`: data, seeds, AdamW + linear decay, clipping."""
 
     def train(self, params: Iterable[nn.Parameter], loss_fn: Callable[[Batch], LossResult], *,
-              stage: str, epochs: float | None = None, lr: float | None = None) -> dict[str, float]:
+              stage: str, epochs: float | None = None, lr: float | None = None, batch_size: int | None = None,
+              clip_params: Iterable[nn.Parameter] | None = None) -> dict[str, float]:
         """One training stage: a fresh AdamW and linear schedule over `params`, minimising `loss_fn(batch)`.
         `loss_fn` returns the scalar loss, or (loss, {name: float}) to log per-step statistics (their
-        means over the stage land in the returned record as ``mean_<name>``)."""
+        means over the stage land in the returned record as ``mean_<name>``). `epochs`, `lr`, `batch_size`:
+        None = the suite's (a release may set its own per stage); `clip_params`: the parameters whose joint
+        gradient norm is clipped, None = `params` (DeeBERT's release clips over the whole model)."""
         ...
 
     def cached(self, name: str, signature: dict[str, Any], run: Callable[[], object]) -> bool:
@@ -81,7 +84,7 @@ class Trainer(Protocol):
         training-time sweep (ConsistentEE's alpha) shares its first stage."""
         ...
 
-    def batches(self, shuffle: bool = False) -> Iterator[Batch]:
+    def batches(self, shuffle: bool = False, *, batch_size: int | None = None) -> Iterator[Batch]:
         """The training data, tokenised, on the job's device (labels included)."""
         ...
 

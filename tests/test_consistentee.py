@@ -3,6 +3,7 @@ parameters each stage trains, the inference rule, and the alpha sweep sharing on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from eebench.methods.consistentee import (
     trajectory,
 )
 from eebench.methods.pabee import layer_weighted_loss
-from eebench.runner import run_jobs
+from eebench.runner import checkpoint_key, run_jobs
 from eebench.tasks import get_task, load_split
 from eebench.training import LoopTrainer, collate, encode
 
@@ -245,3 +246,46 @@ def test_hardness_analysis_says_which_runs_it_needs(tmp_path):
              log=lambda _: None)
     with pytest.raises(ValueError, match="consistentee"):
         hardness_table(tmp_path / "out")
+
+
+# ---- per-stage batch sizes (finetune_bert_alternate.sh: stage 2 at 32, stage 3 at 16) -------------------------
+def test_stage_batch_sizes_are_what_the_policy_and_classifier_stages_iterate_in():
+    spec = get_task("graded")
+    backbone = load_backbone("tiny-bert", seed=0)
+    method = ConsistentEE(num_rollouts=2, stage2_batch_size=24, stage3_batch_size=16)
+    torch.manual_seed(0)
+    model = method.attach(backbone, spec)
+    data = encode(load_split(spec, "train", None, limit=48, seed=0).examples, backbone.tokenizer, 48, False)
+    suite = dataclasses.replace(FAST_TRAIN, batch_size=32)
+    trainer = LoopTrainer(model, data, suite, 0, backbone.tokenizer.pad_token_id, "cpu", progress=False)
+    seen: dict[str, list[int]] = {"stage2": [], "stage3": []}
+
+    def counting(stage, loss):
+        def wrapped(batch):
+            seen[stage].append(len(batch["labels"]))
+            return loss(batch)
+        return wrapped
+
+    # fit looks the stage losses up on the instance, so these wrappers are what the trainer calls.
+    method.policy_stage_loss = counting("stage2", method.policy_stage_loss)
+    method.classifier_stage_loss = counting("stage3", method.classifier_stage_loss)
+    method.fit(trainer)
+    assert seen == {"stage2": [24, 24], "stage3": [16, 16, 16]}
+    assert [s["batch_size"] for s in trainer.stages] == [32, 24, 16]  # stage 1 keeps the suite's
+    assert [s["steps"] for s in trainer.stages] == [2, 2, 3]
+    assert len(method.memorized) == 48  # m(x) still covers every example (suite-sized batches)
+
+
+def test_stage_batch_sizes_enter_the_checkpoint_key_only_when_set():
+    job = tiny_job("consistentee", "sst2")
+    default = ConsistentEE().training_signature()
+    # The signature of every checkpoint stored before the switch existed: it must not change.
+    assert default == {"recipe": "consistentee", "alpha": 0.05, "hardness_weighting": True, "rollout_policy": "bernoulli",
+                       "num_rollouts": 8, "rollout_dropout": "shared", "force_full_depth_first_rollout": False,
+                       "eps_start": 0.1, "eps_decay_steps": 20000.0, "stage3_joint_policy_loss": False,
+                       "detach_policy_input": True, "recompute_memorized_layer": False, "num_rounds": 1,
+                       "stage2_epochs": 1.0, "stage2_lr": 3e-4, "stage3_epochs": 1.0, "stage3_lr": 2e-5,
+                       "policy_hidden": 32}
+    keys = {checkpoint_key(job, ConsistentEE(**config).training_signature())
+            for config in ({}, {"stage3_batch_size": 16}, {"stage2_batch_size": 16}, {"stage2_batch_size": 32})}
+    assert len(keys) == 4
