@@ -182,3 +182,26 @@ def with_timed_saved_layer_speedups(records: pd.DataFrame, results_dir: str | Pa
                        index=records.index)
     current = records["timed_saved_layer_speedup"] if "timed_saved_layer_speedup" in records else filled * float("nan")
     return records.assign(timed_saved_layer_speedup=current.fillna(filled))
+
+
+def with_floor_metrics(records: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """`records` with missing `floor_metric` (classification and regression records written before the runner
+    stored it) computed from each job's stored dev labels (`metrics.trivial_floor`); unchanged without examples."""
+    from eebench.metrics import trivial_floor
+    from eebench.tasks import get_task
+
+    current = records["floor_metric"] if "floor_metric" in records else pd.Series(np.nan, index=records.index)
+    missing = records.loc[current.isna(), ["job_id", "task"]].drop_duplicates("job_id")
+    if missing.empty:
+        return records
+    floors = {}
+    for job_id, task in missing.itertuples(index=False):
+        spec = get_task(task)
+        path = Path(results_dir) / "examples" / f"{job_id}.parquet"
+        if spec.kind == "generation" or not path.exists():
+            continue
+        examples = pd.read_parquet(path, columns=["knob_label", "example", "label"])
+        full = examples[examples.knob_label == "full model"].sort_values("example")
+        if len(full):
+            floors[job_id] = trivial_floor(spec, full["label"].to_numpy())[0]
+    return records.assign(floor_metric=current.fillna(records["job_id"].map(floors)))

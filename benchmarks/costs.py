@@ -61,6 +61,14 @@ GLOSSARY: dict[str, str] = {
     "token_agreement": "per prompt: positions where the early-exit output has the full model's token / "
                        "max(len(early), len(full)); mean over prompts.",
     "metric": "the task's primary metric on dev (accuracy, F1, Matthews corr., Spearman), 0-1 scale.",
+    "floor_metric": "F, the best primary metric a constant prediction reaches on dev (majority-class accuracy, "
+                    "all-positive F1, 0 for MCC and correlations); a metric <= F + 0.01 is floor-level and never "
+                    "counts as within tolerance.",
+    "auc": "(1 / (hi - lo)) * integral_lo^hi max(F, best(s)) ds, best(s) = max metric over points with speed-up "
+           ">= s (full model at 1.0): the Pareto frontier extended with the floor, so a short grid is not scored 0 "
+           "beyond its fastest point.",
+    "standard_finetune_metric": "the task's plain fine-tune on the same backbone and seed (DeeBERT's full model), "
+                                "the second reference beside each method's own full model.",
 }
 
 

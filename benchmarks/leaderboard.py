@@ -33,7 +33,14 @@ SPEEDUPS = {
 ROW_KEYS = ["task", "method", "backbone"]
 SEED_KEYS = [*ROW_KEYS, "seed"]
 SCORE_COLUMNS = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc",
-                 "heldout_pick_speedup", "heldout_pick_metric"]
+                 "heldout_pick_speedup", "heldout_pick_metric", "floor_metric", "standard_finetune_metric",
+                 "best_speedup_within_1pt_of_standard"]
+# The task's standard fine-tune, the second reference beside each method's own full model: DeeBERT's full
+# model IS the plain fine-tune (its stage 1 trains the final classifier alone; stage 2 freezes that network).
+STANDARD_FINETUNE_METHOD = "deebert"
+# A metric within this margin of the task's trivial floor (a constant answer) is floor-level: one or two dev
+# examples from all-"paraphrase" is not a learned operating point (TR-BERT's 81.39 vs MRPC's floor 81.22).
+FLOOR_MARGIN = 0.01
 # Speed-ups such as 12 / 8.000000001 should still count as 1.5x; metrics one ulp under the tolerance too.
 _EPS = 1e-9
 
@@ -91,10 +98,13 @@ def operating_points(records: pd.DataFrame, batch_size: int = 1) -> pd.DataFrame
     return points.sort_values([*SEED_KEYS, "saved_layer_speedup"], kind="stable").reset_index(drop=True)
 
 
-def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi: float = 3.0) -> float:
+def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi: float = 3.0,
+                 floor: float = 0.0) -> float:
     """Normalised area under the Pareto frontier: (1 / (hi - lo)) * integral_lo^hi best(s) ds.
 
-    best(s) = max metric among points with speed-up >= s, 0 when none. Result is on the metric's scale.
+    best(s) = max(floor, max metric among points with speed-up >= s). The leaderboard passes the task's trivial
+    floor: a constant answer is available at any speed-up, so a grid that stops early is extended at the floor
+    rather than at 0, and a point below the floor counts as the floor. Result is on the metric's scale.
     """
     if not hi > lo:
         raise ValueError(f"auc_range must satisfy a < b, got ({lo}, {hi})")
@@ -108,15 +118,20 @@ def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi:
     area = 0.0
     for left, right in zip(edges[:-1], edges[1:], strict=True):
         reach = s >= right
-        area += (right - left) * (m[reach].max() if reach.any() else 0.0)
+        area += (right - left) * max(floor, m[reach].max() if reach.any() else floor)
     return float(area / (hi - lo))
 
 
-def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float, hi: float) -> dict:
-    """Scores of one (task, method, backbone, seed): see :func:`leaderboard`."""
+def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float, hi: float,
+                 standard: float = math.nan) -> dict:
+    """Scores of one (task, method, backbone, seed): see :func:`leaderboard`. `standard`: the task's standard
+    fine-tune's full-model metric on the same backbone and seed (NaN when that job is not in the records)."""
     full = group[group["is_full_model"]]
     pts = group[~group["is_full_model"]]
     full_metric = float(full["metric"].mean()) if len(full) else math.nan
+    floor = float(group["floor_metric"].dropna().iloc[0]) if group.get("floor_metric", pd.Series()).notna().any() \
+        else math.nan
+    above_floor = (lambda m: m > floor + FLOOR_MARGIN + _EPS) if not math.isnan(floor) else (lambda m: np.ones(len(m), bool))
 
     def best_at(threshold: float) -> float:
         hit = pts.loc[pts[speedup] >= threshold - _EPS, "metric"]
@@ -125,7 +140,11 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
     # The full model is the 1.0x point by definition (a measured wall-clock ratio may be 0.98).
     s = np.concatenate([np.ones(len(full)), pts[speedup].to_numpy(float)])
     m = np.concatenate([full["metric"].to_numpy(float), pts["metric"].to_numpy(float)])
-    within = s[m >= full_metric - tolerance - _EPS]
+    # A point at or below the floor has learned nothing a constant lacks: it never counts as "within 1 point"
+    # (HashEE's floor classifier on MRPC, TR-BERT's all-positive point), even when its full model is there too.
+    useful = above_floor(m)
+    within = s[useful & (m >= full_metric - tolerance - _EPS)]
+    within_standard = s[useful & (m >= standard - tolerance - _EPS)] if not math.isnan(standard) else np.array([])
     pick_speedup, pick_metric = _held_out_pick(full, pts, speedup, tolerance)
     return {
         "metric_name": group["metric_name"].iloc[0],
@@ -133,9 +152,12 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
         "metric_at_1.5x": best_at(1.5),
         "metric_at_2x": best_at(2.0),
         "best_speedup_within_1pt": float(within.max()) if len(within) else math.nan,
-        "auc": frontier_auc(s, m, lo, hi),
+        "auc": frontier_auc(s, m, lo, hi, 0.0 if math.isnan(floor) else floor),
         "heldout_pick_speedup": pick_speedup,
         "heldout_pick_metric": pick_metric,
+        "floor_metric": floor,
+        "standard_finetune_metric": standard,
+        "best_speedup_within_1pt_of_standard": float(within_standard.max()) if len(within_standard) else math.nan,
     }
 
 
@@ -153,6 +175,14 @@ def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, speedup: str, toleranc
     return float(best[speedup]), float(best["metric"])
 
 
+def _standard_finetunes(points: pd.DataFrame) -> dict[tuple, float]:
+    """{(task, backbone, seed): the standard fine-tune's full-model metric} (see STANDARD_FINETUNE_METHOD)."""
+    if points.empty:
+        return {}
+    full = points[(points["method"] == STANDARD_FINETUNE_METHOD) & points["is_full_model"]]
+    return full.groupby(["task", "backbone", "seed"])["metric"].mean().to_dict()
+
+
 def per_seed_scores(
     records: pd.DataFrame,
     speedup: str = "saved_layer_speedup",
@@ -167,8 +197,10 @@ def per_seed_scores(
     if not hi > lo:
         raise ValueError(f"auc_range must satisfy a < b, got {auc_range}")
     points = operating_points(records, batch_size)
+    standards = _standard_finetunes(points)
     rows = [
-        {**dict(zip(SEED_KEYS, key, strict=True)), **_seed_scores(g, speedup, tolerance, lo, hi)}
+        {**dict(zip(SEED_KEYS, key, strict=True)),
+         **_seed_scores(g, speedup, tolerance, lo, hi, standards.get((key[0], key[2], key[3]), math.nan))}
         for key, g in points.groupby(SEED_KEYS, sort=True)
     ]
     return pd.DataFrame(rows, columns=[*SEED_KEYS, "metric_name", *SCORE_COLUMNS])
@@ -204,10 +236,12 @@ def leaderboard(
     board["full_model_metric_std"] = grouped["full_model_metric"].std()
     board["auc_std"] = grouped["auc"].std()
     board = board.reset_index()
+    board["heldout_pick_metric_std"] = grouped["heldout_pick_metric"].std()
     order = [
-        *ROW_KEYS, "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
-        "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
-        "heldout_pick_speedup", "heldout_pick_metric",
+        *ROW_KEYS, "metric_name", "seeds", "full_model_metric", "full_model_metric_std", "standard_finetune_metric",
+        "floor_metric", "heldout_pick_speedup", "heldout_pick_metric", "heldout_pick_metric_std",
+        "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "best_speedup_within_1pt_of_standard",
+        "auc", "auc_std",
     ]  # fmt: skip
     board = board.reindex(columns=order)
     if draws is not None:
@@ -251,6 +285,7 @@ def leaderboard_intervals(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     lo, hi = auc_range
     points = operating_points(records, batch_size)
+    standards = _standard_finetunes(points)  # held at its dev value: a reference, not a score of the row
     per_seed = []
     for key, group in points.groupby(SEED_KEYS, sort=True):
         labels = group["knob_label"].where(~group["is_full_model"], "full model")
@@ -259,7 +294,8 @@ def leaderboard_intervals(
             raise ValueError(f"no per-example results for {', '.join(missing[:3])}: intervals need the examples "
                              "tables that `eebench run` stores in DIR/examples/")
         stacked = np.stack([draws[(j, k)] for j, k in zip(group["job_id"], labels, strict=True)])  # (points, R)
-        scores = [_seed_scores(group.assign(metric=stacked[:, r]), speedup, tolerance, lo, hi)
+        standard = standards.get((key[0], key[2], key[3]), math.nan)
+        scores = [_seed_scores(group.assign(metric=stacked[:, r]), speedup, tolerance, lo, hi, standard)
                   for r in range(stacked.shape[1])]
         per_seed.append(pd.DataFrame([{**dict(zip(SEED_KEYS, key, strict=True)), "draw": r,
                                        **{c: s[c] for c in CI_SCORES}} for r, s in enumerate(scores)]))
@@ -290,22 +326,27 @@ def _cell(text: object) -> str:
 
 
 def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
-    """Render :func:`leaderboard` output as a markdown table plus a one-line legend.
+    """Render :func:`leaderboard` output as a markdown table plus a legend.
 
-    Metrics are shown x100 with ``digits`` decimals (mean ± std over seeds where available), speed-ups
-    as ``1.83x``, missing values as ``—``. The legend reads the parameters from ``board.attrs``.
+    Headline first: the references (the method's own full model, the task's standard fine-tune, the trivial
+    floor) and the held-out pick, the operating point chosen without looking at dev. Then the dev-max view,
+    labelled as such: best metric at >= 1.5x / 2x, the largest speed-up within the tolerance of each reference,
+    the floor-extended AUC. Metrics are shown x100 with ``digits`` decimals (mean ± std over seeds where
+    available), speed-ups as ``1.83x``, missing values as ``—``; a value at or below the floor is marked
+    "(floor)". The legend reads the parameters from ``board.attrs``.
     """
     speedup = board.attrs.get("speedup", "saved_layer_speedup")
     tol = 100 * board.attrs.get("tolerance", 0.01)
     lo, hi = board.attrs.get("auc_range", (1.0, 3.0))
     batch = "/".join(str(b) for b in board.attrs.get("batch_sizes", [1]))
-    headers = [
-        "task", "method", "backbone", "metric", "seeds", "full model", "metric @1.5x", "metric @2x",
-        f"speed-up @−{tol:g}pt", f"AUC {lo:g}–{hi:g}x",
-    ]  # fmt: skip
     held_out = "heldout_pick_speedup" in board and board["heldout_pick_speedup"].notna().any()
-    if held_out:
-        headers.append("held-out pick: speed-up / metric")
+    standard = "standard_finetune_metric" in board and board["standard_finetune_metric"].notna().any()
+    floors = "floor_metric" in board and board["floor_metric"].notna().any()
+    headers = ["task", "method", "backbone", "metric", "seeds", "full model",
+               *(["standard fine-tune"] if standard else []), *(["floor"] if floors else []),
+               *(["held-out pick: speed-up / metric"] if held_out else []),
+               "dev max: metric @1.5x", "dev max: metric @2x", f"dev max: speed-up @−{tol:g}pt",
+               *([f"dev max: speed-up @−{tol:g}pt of standard"] if standard else []), f"AUC {lo:g}–{hi:g}x"]
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|",
@@ -318,35 +359,47 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
             return ""
         return f" [{render(low)}, {render(high)}]"
 
+    def metric(row: dict, score: str, std: float = math.nan) -> str:
+        floor = row.get("floor_metric", math.nan)
+        at_floor = not pd.isna(floor) and not pd.isna(row[score]) and row[score] <= floor + FLOOR_MARGIN + _EPS
+        return _pct(row[score], digits, std) + (" (floor)" if at_floor else "") + ci(row, score)
+
     for row in board.to_dict("records"):
         cells = [
             _cell(row["task"]), _cell(row["method"]), _cell(row["backbone"]), _cell(row["metric_name"]),
-            str(int(row["seeds"])),
-            _pct(row["full_model_metric"], digits, row["full_model_metric_std"]) + ci(row, "full_model_metric"),
-            _pct(row["metric_at_1.5x"], digits) + ci(row, "metric_at_1.5x"),
-            _pct(row["metric_at_2x"], digits) + ci(row, "metric_at_2x"),
+            str(int(row["seeds"])), metric(row, "full_model_metric", row["full_model_metric_std"]),
+            *([_pct(row["standard_finetune_metric"], digits)] if standard else []),
+            *([_pct(row["floor_metric"], digits)] if floors else []),
+            *([f"{_speed(row['heldout_pick_speedup'])} / "
+               + metric(row, "heldout_pick_metric", row.get("heldout_pick_metric_std", math.nan))] if held_out else []),
+            metric(row, "metric_at_1.5x"), metric(row, "metric_at_2x"),
             _speed(row["best_speedup_within_1pt"]) + ci(row, "best_speedup_within_1pt", _speed),
+            *([_speed(row["best_speedup_within_1pt_of_standard"])] if standard else []),
             _pct(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
         ]  # fmt: skip
-        if held_out:
-            cells.append(f"{_speed(row['heldout_pick_speedup'])} / {_pct(row['heldout_pick_metric'], digits)}"
-                         + ci(row, "heldout_pick_metric"))
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
         f"*Speed-up = {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}; metrics on dev x100, "
-        "mean ± std over seeds. full model: the method's own full-depth run; metric @1.5x / @2x: best metric "
-        "among early-exit points with speed-up ≥ 1.5x / 2x (— if none in some seed); "
-        f"speed-up @−{tol:g}pt: largest speed-up whose metric is ≥ full model − {tol:g} pt (full model = 1.00x); "
-        f"AUC {lo:g}–{hi:g}x: mean over speed-ups s in [{lo:g}, {hi:g}] of the best metric reached at ≥ s "
-        "(Pareto frontier, full model at 1.0x, 0 beyond the fastest point)."
-        + (f" held-out pick: the point chosen on the held-out selection set (largest held-out saved-layer "
-           f"speed-up within {tol:g} pt of the full model there), reported on dev." if held_out else "")
+        "mean ± std over seeds. full model: the method's own full-depth run"
+        + ("; standard fine-tune: the task's plain fine-tune on the same backbone and seed (DeeBERT's full "
+           "model)" if standard else "")
+        + ("; floor: the best a constant prediction scores on dev (majority class, all-positive F1, 0 for a "
+           f"correlation); values at most {100 * FLOOR_MARGIN:g} pt above it are floor-level, marked (floor), and never "
+           "count as within tolerance"
+           if floors else "")
+        + (f". held-out pick (the headline): the point chosen on the held-out selection set (largest held-out "
+           f"saved-layer speed-up within {tol:g} pt of the full model there), reported on dev" if held_out else "")
+        + ". dev max (optimistic, chosen on dev itself): metric @1.5x / @2x: best metric among early-exit points "
+        f"with speed-up ≥ 1.5x / 2x (— if none in some seed); speed-up @−{tol:g}pt: largest speed-up whose metric "
+        f"is ≥ the reference − {tol:g} pt and above the floor (full model = 1.00x); "
+        f"AUC {lo:g}–{hi:g}x: mean over speed-ups s in [{lo:g}, {hi:g}] of max(floor, best metric reached at ≥ s) "
+        "(Pareto frontier, full model at 1.0x; beyond the fastest point a constant answer, the floor, is what "
+        "remains, so a short grid is not scored 0 there)."
         + (" [a, b]: 95 % percentile-bootstrap interval over dev examples (1000 resamples, seed 0, paired across "
            "points and seeds; speed-ups held at their dev values)." if with_ci else "")
         + "*"
     )
     return "\n".join(lines) + "\n\n" + legend + "\n"
-
 
 
 def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None, ci: bool = False,
@@ -361,7 +414,11 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     if ci:
         from eebench.analysis import bootstrap_draws  # analysis imports this module
         draws = bootstrap_draws(results_dir)
-    board = leaderboard(load_records(results_dir), draws=draws, **kwargs)
+    records = load_records(results_dir)
+    if records.get("floor_metric", pd.Series(dtype=float)).isna().any() or "floor_metric" not in records:
+        from eebench.analysis import with_floor_metrics  # records from before the runner stored the floor
+        records = with_floor_metrics(records, results_dir)
+    board = leaderboard(records, draws=draws, **kwargs)
     path = Path(results_dir) / (filename or LEADERBOARD_FILE)
     atomic_write_text(path, to_markdown(board, digits=digits))
     return board, path
@@ -374,7 +431,8 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     keys = ["task", "method", "backbone", "seed", "job_id", "knob_label"]
     first = records.drop_duplicates(keys).set_index(keys)
     columns = ["metric_name", "metric", "mean_exit_layer", "saved_layer_speedup", "flops_speedup"]
-    table = first[columns + (["train_seconds"] if "train_seconds" in first else [])].copy()
+    optional = [c for c in ("train_seconds", "floor_metric") if c in first]
+    table = first[columns + optional].copy()
     wallclock = records.pivot_table(index=keys, columns="batch_size", values="wallclock_speedup", aggfunc="first")
     for batch_size in wallclock.columns:
         table[f"wallclock_bs{batch_size}"] = wallclock[batch_size]
@@ -426,6 +484,11 @@ def _difference(row: dict) -> str:
     return f"{100 * low:+.1f} to {100 * high:+.1f}" + (" *" if low > 0 or high < 0 else "")
 
 
+def _floor_mark(row: dict) -> str:
+    floor = row.get("floor_metric", math.nan)
+    return " (floor)" if not pd.isna(floor) and row["metric"] <= floor + FLOOR_MARGIN + _EPS else ""
+
+
 def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = False) -> str:
     """Markdown rendering of :func:`points_table` (metric x100, speed-ups as ``1.83x``); `all_metrics`: also
     every secondary metric (x100) and, for generation, tokens/s per timing batch size."""
@@ -459,7 +522,7 @@ def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = Fa
     for row in table.to_dict("records"):
         ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}", _difference(row)] if with_ci else []
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
-                 f"{row['metric_name']} {_pct(row['metric'], digits)}", *ci,
+                 f"{row['metric_name']} {_pct(row['metric'], digits)}" + _floor_mark(row), *ci,
                  *[_pct((row.get("metrics") or {}).get(name), digits) for name in extra], f"{row['mean_exit_layer']:.2f}",
                  _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[wall(row, c) for c in walls],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.2f}" for c in real],

@@ -74,9 +74,11 @@ def test_leaderboard_averages_seeds(records):
     board = leaderboard(records)
     assert list(board.columns) == [
         "task", "method", "backbone", "metric_name", "seeds", "full_model_metric", "full_model_metric_std",
-        "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt", "auc", "auc_std",
-        "heldout_pick_speedup", "heldout_pick_metric",
+        "standard_finetune_metric", "floor_metric", "heldout_pick_speedup", "heldout_pick_metric",
+        "heldout_pick_metric_std", "metric_at_1.5x", "metric_at_2x", "best_speedup_within_1pt",
+        "best_speedup_within_1pt_of_standard", "auc", "auc_std",
     ]  # fmt: skip
+    assert board["floor_metric"].isna().all() and board["standard_finetune_metric"].isna().all()  # not in these records
     assert board["heldout_pick_speedup"].isna().all()  # these records have no selection set
     assert list(board["method"]) == ["alpha", "beta"]  # AUC 0.532 > 0.380
     alpha, beta = board.iloc[0], board.iloc[1]
@@ -111,6 +113,38 @@ def test_full_model_is_the_1x_point():
     assert board.loc[0, "auc"] == pytest.approx(0.678)
     assert board.loc[0, "best_speedup_within_1pt"] == 1.0
     assert math.isnan(board.loc[0, "auc_std"])  # one seed
+
+
+def test_floor_points_never_count_and_extend_the_frontier():
+    """MRPC-like: a constant all-positive answer scores F1 0.81. A method whose fastest points sit at the floor
+    gets no credit for them, and its AUC beyond its fastest point is the floor, not 0."""
+    rows = [*curve("floorish", 0, 0.84, [(1.5, 0.835), (2.5, 0.8139), (3.7, 0.81)], floor_metric=0.81),
+            *curve("broken", 0, 0.223, [(3.7, 0.223)], floor_metric=0.81),  # HashEE's forced-full F1 22.3
+            *curve("short", 0, 0.84, [(2.0, 0.84)], floor_metric=0.81)]
+    board = leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert board.loc["floorish", "best_speedup_within_1pt"] == 1.5  # 2.5x, 3.7x are floor-level (< 1 pt above)
+    assert math.isnan(board.loc["broken", "best_speedup_within_1pt"])  # even its full model is below the floor
+    assert board.loc["broken", "auc"] == pytest.approx(0.81)  # a constant answer at every speed-up
+    # short: 0.84 on [1, 2], the floor on (2, 3] -> (0.84 + 0.81) / 2
+    assert board.loc["short", "auc"] == pytest.approx((0.84 + 0.81) / 2)
+    assert board.loc["short", "floor_metric"] == 0.81
+    text = to_markdown(board.reset_index())
+    assert "22.30 (floor)" in text and "| floor |" in text and "never count as within tolerance" in text and "1 pt above it" in text
+    # (1, 1.5]: 0.9; (1.5, 2]: max(0.5, floor 0.6); (2, 3]: the floor -> (0.5 * 0.9 + 0.5 * 0.6 + 0.6) / 2
+    assert frontier_auc(np.array([1.5, 2.0]), np.array([0.9, 0.5]), 1, 3, floor=0.6) == pytest.approx(0.675)
+
+
+def test_standard_fine_tune_is_the_second_reference():
+    rows = [*curve("deebert", 0, 0.90, [(1.5, 0.895)]), *curve("pabee", 0, 0.86, [(1.4, 0.855), (1.8, 0.89)]),
+            *curve("pabee", 1, 0.86, [(1.4, 0.855)])]
+    board = leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert board.loc["deebert", "standard_finetune_metric"] == 0.90
+    assert math.isnan(board.loc["pabee", "standard_finetune_metric"])  # seed 1 has no standard fine-tune
+    seed0 = per_seed_scores(pd.DataFrame(rows)).set_index(["method", "seed"])
+    assert seed0.loc[("pabee", 0), "standard_finetune_metric"] == 0.90
+    assert seed0.loc[("pabee", 0), "best_speedup_within_1pt"] == 1.8  # within 1 pt of its own 0.86
+    assert seed0.loc[("pabee", 0), "best_speedup_within_1pt_of_standard"] == 1.8  # 0.89 >= 0.90 - 0.01
+    assert "standard fine-tune" in to_markdown(leaderboard(pd.DataFrame(rows)))
 
 
 def test_backbones_are_separate_rows():

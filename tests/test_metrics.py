@@ -11,7 +11,13 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from eebench.metrics import METRIC_DESCRIPTIONS, compute_metrics, predictions_from_logits, resampled_metric
+from eebench.metrics import (
+    METRIC_DESCRIPTIONS,
+    compute_metrics,
+    predictions_from_logits,
+    resampled_metric,
+    trivial_floor,
+)
 from eebench.tasks import get_task, task_names
 
 
@@ -116,3 +122,20 @@ def test_resampled_metric_equals_compute_metrics_row_by_row(task, metrics):
         resamples[2] = rng.choice(np.flatnonzero(predictions == 0), n)  # no predicted positives: F1's zero division
     expected = [compute_metrics(spec, predictions[r], labels[r])[spec.primary_metric] for r in resamples]
     assert resampled_metric(spec, predictions, labels, resamples) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("task, floor, prediction", [
+    ("mrpc", 0.8122, "always class 1"),          # 1 = paraphrase   # binary F1: the all-positive answer, not the majority's 0
+    ("sst2", 0.5092, "always class 1"),          # 1 = positive     # accuracy: the majority class (444 of 872)
+    ("cola", 0.0, "always class 0"),    # MCC of any constant is 0 (ties: the first class)
+    ("stsb", 0.0, "a constant prediction"),    # a constant has no rank
+])
+def test_trivial_floor_on_real_dev_sets(task, floor, prediction):
+    from eebench.tasks import load_split
+
+    from conftest import GLUE
+
+    spec = get_task(task)
+    labels = np.array([e.label for e in load_split(spec, "dev", GLUE).examples])
+    value, what = trivial_floor(spec, labels)
+    assert value == pytest.approx(floor, abs=5e-5) and what == prediction

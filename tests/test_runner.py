@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -31,6 +32,8 @@ def test_records_have_the_documented_fields(sst2_run):
     assert len(summary["done"]) == 2
     lines = (out / "records.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
+    examples = pd.read_parquet(next((out / "examples").glob("*.parquet")))
+    labels = examples[examples.knob_label == "full model"].label.to_numpy()
     for record in records:
         assert REQUIRED <= set(record), REQUIRED - set(record)
         assert record["task"] == "sst2" and record["n_examples"] == 24 and record["device"] == "cpu"
@@ -45,6 +48,7 @@ def test_records_have_the_documented_fields(sst2_run):
         assert isinstance(record["load_average"], float) and isinstance(record["timing_flag"], str)
         assert record["realization"] == pytest.approx(record["wallclock_speedup"] / record["timed_saved_layer_speedup"])
         assert record["config"]["eval"]["timing_sample"] == "random" and record["checkpoint_commit"]
+        assert record["floor_metric"] == pytest.approx(max(np.mean(labels), 1 - np.mean(labels)))  # majority class
     # one full-model row per job and batch size, knobs as objects
     full = [r for r in records if r["is_full_model"]]
     assert len(full) == 4 and all(r["knob"] == {} and r["saved_layer_speedup"] == 1.0 for r in full)
@@ -104,6 +108,16 @@ def test_leaderboard_from_a_real_run(sst2_run):
     out, *_ = sst2_run
     board = leaderboard(load_records(out))
     assert set(board.method) == {"deebert", "pabee"} and set(board.task) == {"sst2"}
+
+
+def test_floor_of_records_from_before_the_field_is_recomputed_from_stored_labels(sst2_run):
+    from eebench.analysis import with_floor_metrics
+
+    out, *_ = sst2_run
+    records = load_records(out)
+    old = records.drop(columns=["floor_metric"])
+    filled = with_floor_metrics(old, out)
+    assert filled["floor_metric"].tolist() == pytest.approx(records["floor_metric"].tolist())
 
 
 def test_job_identity_is_a_hash_of_the_resolved_config():

@@ -18,7 +18,7 @@ from eebench import costs
 from eebench.methods import check_exit_output
 from eebench.methods.exits import MultiExitModel, center_regression_heads
 from eebench.methods.protocol import ProtocolError
-from eebench.metrics import compute_metrics, predictions_from_logits
+from eebench.metrics import compute_metrics, predictions_from_logits, trivial_floor
 from eebench.timing import Timed, clock_for, interleaved_times, load_average, timing_fields, timing_sample
 from eebench.training import Encoded, batch_indices, collate, encode
 
@@ -170,8 +170,10 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
             selection, _ = _evaluate_points(method, model, held_out, points, job.eval.batch_size, pad_id, device,
                                             num_layers, progress, f"select {job.method}/{job.task}")
 
+    floor_metric, floor_prediction = trivial_floor(spec, labels)  # what a constant answer scores on this dev set
     base = {**base, "pooling": backbone.pooling, "evaluation": evaluation, "eval_seconds": eval_seconds,
-            "curve_cost_ratio": eval_seconds / full_eval_seconds, "n_points": len(points)}
+            "curve_cost_ratio": eval_seconds / full_eval_seconds, "n_points": len(points),
+            "floor_metric": floor_metric, "floor_prediction": floor_prediction}
     records, example_rows = [], []
     for knob in points:
         label = knob_label(knob)

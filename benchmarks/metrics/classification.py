@@ -67,6 +67,20 @@ def _class_ids(values: np.ndarray, what: str, num_labels: int) -> np.ndarray:
     return ids
 
 
+def trivial_floor(spec: TaskSpec, labels: Sequence | np.ndarray) -> tuple[float, str]:
+    """The task's trivial floor on these labels: the best primary metric a constant prediction reaches, and
+    what that prediction is. Classification: every class tried (accuracy -> the majority class; binary F1 ->
+    often all-positive, e.g. MRPC's all-"paraphrase" F1 81.2; MCC -> 0, ties to the first class). Regression: a constant has no rank,
+    so its correlation is 0. An operating point at or below the floor has learned nothing a constant lacks."""
+    gold = _as_1d(labels, "labels")
+    if spec.kind != "classification":
+        return 0.0, "a constant prediction"
+    scores = {c: compute_metrics(spec, np.full(len(gold), c), gold)[spec.primary_metric] for c in range(spec.num_labels)}
+    best = max(scores, key=lambda c: (scores[c], -c))
+    name = spec.labels[best] if getattr(spec, "labels", None) else str(best)
+    return scores[best], f"always class {best}" + ("" if name == str(best) else f" ('{name}')")
+
+
 def compute_metrics(spec: TaskSpec, predictions: Sequence | np.ndarray,
                     labels: Sequence | np.ndarray) -> dict[str, float]:
     """Every metric in ``spec.metric_names``, as {name: float}.
