@@ -31,11 +31,14 @@ class Suite:
     # Per-task replacement of `method_configs` (e.g. two operating points only on the costliest task).
     task_method_configs: dict[str, dict[str, tuple[dict, ...]]] = field(default_factory=dict)
     train_task: str | None = None  # one checkpoint for every task, fine-tuned on this task (see Job.train_task)
+    # Per-task replacement of `selection_examples` (a small train split would lose too much training data).
+    task_selection_examples: dict[str, int] = field(default_factory=dict)
 
     def jobs(self, device: str = "cpu") -> list[Job]:
         return [Job(method=m, task=t, seed=s, backbone=self.backbone, pooling=self.pooling, method_config=config,
                     train=self.train, eval=self.eval, data_dir=self.data_dir, train_limit=self.train_limit,
-                    eval_limit=self.eval_limit, device=device, selection_examples=self.selection_examples,
+                    eval_limit=self.eval_limit, device=device,
+                    selection_examples=self.task_selection_examples.get(t, self.selection_examples),
                     generation=self.generation, train_task=self.train_task if self.train_task != t else None)
                 for t in self.tasks for m in self.methods
                 for config in self.task_method_configs.get(t, self.method_configs).get(m, ({},))
@@ -59,8 +62,13 @@ DEEBERT_GRID_20 = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125,
 # Real suites run three seeds by default (mean +- std in the leaderboard); `--seeds 0` reproduces the one-seed
 # numbers measured on the 2-core CPU. Only the offline smoke suite "quick" is one seed by default.
 REAL_SEEDS = (0, 1, 2)
+# Every real suite chooses its operating points on held-out train examples (the leaderboard's headline, the
+# held-out pick), never on dev. 500: drawn outside the 8,000-example cap where the split is large (SST-2,
+# M-CID), carved out of it where it is not (MRPC keeps 3,168 of 3,668 for training, RTE 1,990 of 2,490).
+SELECTION_EXAMPLES = 500
+MCID_SELECTION_EXAMPLES = 200  # of M-CID's 1,220 training examples (its dev set has 176)
 _GLUE_MINILM = dict(seeds=REAL_SEEDS, data_dir="../shared/data/glue", train_limit=8000, train=TrainConfig(epochs=2, lr=5e-5, batch_size=32),
-                    eval=EvalConfig(timing_examples=128))
+                    eval=EvalConfig(timing_examples=128), selection_examples=SELECTION_EXAMPLES)
 
 # CALM's confidence measures and named variants: one job each, all sharing one anytime-fine-tuned checkpoint
 # (the measure is not part of the training signature). The oracle is the local-consistency upper bound.
@@ -93,13 +101,15 @@ _GENERATION_CPU = dict(
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
-          methods=("deebert", "pabee"), tasks=("graded",), train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
+          methods=("deebert", "pabee"), tasks=("graded",), train=TrainConfig(epochs=2, lr=5e-5, batch_size=32),
+          selection_examples=200),
     Suite("sst2-minilm", "MiniLM-L6 on SST-2 from ../shared/data/glue: 8000 training examples, full dev.",
           methods=("deebert", "pabee"), tasks=("sst2",), seeds=REAL_SEEDS, data_dir="../shared/data/glue", train_limit=8000,
-          train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=256)),
+          train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=256),
+          selection_examples=SELECTION_EXAMPLES),
     Suite("layerwise-minilm", "All layer-wise methods, MiniLM-L6, SST-2 / MRPC / STS-B from ../shared/data/glue.",
           methods=ALL_LAYERWISE, tasks=("sst2", "mrpc", "stsb"), seeds=REAL_SEEDS, data_dir="../shared/data/glue",
-          train_limit=8000,
+          train_limit=8000, selection_examples=SELECTION_EXAMPLES,
           train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), eval=EvalConfig(timing_examples=128)),
     Suite("consistentee-minilm", "ConsistentEE's alpha sweep beside DeeBERT and PABEE, MiniLM-L6, SST-2 and RTE.",
           methods=("deebert", "pabee", "consistentee"), tasks=("sst2", "rte"), method_configs=CONSISTENTEE_SWEEP,
@@ -109,10 +119,18 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           method_configs={"consistentee": ({"alpha": 0.05, "hardness_weighting": False},)}),
     Suite("consistentee-graded", "ConsistentEE's alpha sweep on the embedded graded task (hardness per known level).",
           methods=("deebert", "pabee", "consistentee"), tasks=("graded",), method_configs=CONSISTENTEE_SWEEP,
-          seeds=REAL_SEEDS, train=TrainConfig(epochs=2, lr=5e-5, batch_size=32)),
+          seeds=REAL_SEEDS, train=TrainConfig(epochs=2, lr=5e-5, batch_size=32), selection_examples=200),
     Suite("consistentee-mcid", "ConsistentEE at one alpha on M-CID (16 intents) from ../shared/data/mcid, MiniLM-L6.",
           methods=("consistentee",), tasks=("mcid",), method_configs={"consistentee": ({"alpha": 0.05},)},
-          **{**_GLUE_MINILM, "data_dir": "../shared/data/mcid"}),
+          **{**_GLUE_MINILM, "data_dir": "../shared/data/mcid", "selection_examples": MCID_SELECTION_EXAMPLES}),
+    Suite("leaderboard-minilm", "The headline leaderboard: every classification method on SST-2 and M-CID (the "
+          "ConsistentEE paper's; full model far above its floor), MiniLM-L6, 3 seeds from one commit, points chosen "
+          "on held-out train examples. ConsistentEE at two alphas, HashEE and TR-BERT at one setting. About 4-5 h "
+          "of fine-tuning on 2 cores (SST-2 fine-tunes took 8-11 min each at 3510ad7), resumable job by job.",
+          methods=(*ALL_LAYERWISE, "consistentee", "hashee", "trbert"), tasks=("sst2", "mcid"), **_GLUE_MINILM,
+          method_configs={"consistentee": ({"alpha": 0.05}, {"alpha": 0.2}), "hashee": ({"num_buckets": 6},),
+                          "trbert": ({"alpha": 1.0, "num_rollouts": 4},)},
+          task_selection_examples={"mcid": MCID_SELECTION_EXAMPLES}),
     Suite("token-minilm", "Token-wise HashEE (per bucket count) and TR-BERT (per alpha) on SST-2 and MRPC, MiniLM-L6.",
           methods=("hashee", "trbert"), tasks=("sst2", "mrpc"), **_GLUE_MINILM,
           # K = 4 rollouts instead of 8 for TR-BERT: its RL and joint stages cost K forward passes per example.
@@ -125,6 +143,7 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("glue", "GLUE dev with any backbone (default bert-base-uncased from the hub), 3 seeds; GPU advised.",
           methods=(*ALL_LAYERWISE, "consistentee"), tasks=("sst2", "mrpc", "rte", "qnli", "qqp", "mnli-m", "cola", "stsb"),
           seeds=REAL_SEEDS, backbone="bert-base-uncased", train=TrainConfig(epochs=3, lr=2e-5, batch_size=32),
+          selection_examples=SELECTION_EXAMPLES,
           # the released BERT-12 reward variants span alpha 0.01-0.09 per layer
           method_configs={"consistentee": tuple({"alpha": a} for a in (0.01, 0.02, 0.04, 0.08))}),
     Suite("generation-smollm2", "CALM (softmax, saturation, classifier, oracle, ConsistentEE's variant) on SmolLM2-135M-"

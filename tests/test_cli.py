@@ -76,7 +76,7 @@ def test_bad_data_of_a_later_job_fails_before_the_first_job_and_leaves_the_store
     out.mkdir()
     (out / "records.jsonl").write_text('{"job_id": "from-another-machine", "metric": 0.5}\n')
     code = main(["run", "--tasks", "sst2,rte", "--methods", "pabee", "--data-dir", str(data), "--out", str(out),
-                 "--cache-dir", str(cache), *TINY])
+                 "--cache-dir", str(cache), "--selection-examples", "8", *TINY])
     assert code == 2
     err = capsys.readouterr().err
     assert "RTE/dev.tsv:2" in err and "expected 4 tab-separated columns" in err

@@ -155,14 +155,16 @@ def test_pcee_and_pabee_share_one_fine_tuned_network(tmp_path):
 
 
 def test_job_ids_of_stored_results_stay_stable():
-    """New Job settings must not re-key old jobs: jobs timed on the first N dev examples (all stored before the
-    random timing sample) keep these ids; the random sample is another measurement, so another id."""
+    """New Job settings must not re-key old jobs: results/quick's jobs (timed on the first N dev examples, no
+    selection set: both from before the settings existed) keep these ids; the random timing sample and the
+    held-out selection set are other measurements, so other ids."""
     from dataclasses import replace
 
     from eebench.suites import get_suite
 
     jobs = get_suite("quick").jobs()
-    first_n = [replace(job, eval=replace(job.eval, timing_sample="first")).job_id for job in jobs]
+    first_n = [replace(job, eval=replace(job.eval, timing_sample="first"), selection_examples=None).job_id
+               for job in jobs]
     assert first_n == ["32734c63393fbcca", "fc25e4f76a5037d8"]
     assert not {job.job_id for job in jobs} & set(first_n)
 
@@ -197,3 +199,17 @@ def test_regression_heads_start_at_the_mean_training_target(method, tmp_path, mo
     assert full.prediction.mean() == pytest.approx(train_mean, abs=0.1)
     assert "regression_heads" in training_context(job)
     assert "regression_heads" not in training_context(tiny_job(method, "sst2", data_dir=str(GLUE)))
+
+
+def test_real_suites_choose_points_on_held_out_data():
+    """Every suite that reads real data sets a selection set (the leaderboard's headline pick); small train
+    splits get their own, smaller one."""
+    from eebench.suites import SUITES
+
+    for suite in SUITES.values():
+        if suite.backbone in ("tiny-bert", "tiny-llama") or suite.name == "generation-tiny":
+            continue
+        assert all(job.selection_examples for job in suite.jobs()), suite.name
+    jobs = SUITES["leaderboard-minilm"].jobs()
+    assert {(job.task, job.selection_examples) for job in jobs} == {("sst2", 500), ("mcid", 200)}
+    assert {job.seed for job in jobs} == {0, 1, 2} and len({job.job_id for job in jobs}) == len(jobs) == 48
