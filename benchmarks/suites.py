@@ -89,15 +89,24 @@ CALM_CPU_MEASURES = {"calm": (
     {**_CALM_CPU, "confidence": "classifier", "thresholds": (0.8, 0.7, 0.6)},
     {**_CALM_CPU, "confidence": "oracle"},
     {**_CALM_CPU, "variant": "cee_baseline", "thresholds": (0.975,)})}
+# ConsistentEE on the same checkpoint-free SmolLM2 (its backbone stays frozen, as released), three alphas, each
+# one training (stage 1 shared through Trainer.cached). Step times measured with the code of the commit adding
+# these settings, on a 2-core VM that ran CALM's anytime step in 36 s (14 s on the VM of 38b4f7f): stage 1 17 s, stage 2 30-33 s, stage 3
+# 21 s per step of 8 Alpaca sequences; hence half an epoch of stage 1 and a quarter of stages 2 and 3 (50 / 25
+# / 25 steps): ~36 min for the first alpha, ~22 min for each further one, on that VM.
+_CEE_CPU = {"stage1_epochs": 0.5, "stage2_epochs": 0.25, "stage3_epochs": 0.25, "positions_per_sequence": 16}
+CEE_CPU_ALPHAS = {"consistentee": tuple({**_CEE_CPU, "alpha": alpha} for alpha in (0.02, 0.05, 0.1))}
 _GENERATION_CPU = dict(
-    methods=("calm",), method_configs=CALM_CPU_MEASURES, data_dir="../shared/data/generation", seeds=(0,),
+    methods=("calm", "consistentee"), method_configs={**CALM_CPU_MEASURES, **CEE_CPU_ALPHAS},
+    data_dir="../shared/data/generation", seeds=(0,),
     train_task="alpaca", train_limit=800, eval_limit=100, selection_examples=100,
     train=TrainConfig(epochs=1, lr=1e-4, batch_size=8, max_seq_length=256),
     eval=EvalConfig(batch_size=8, timing_batch_sizes=(1, 8), timing_examples=8, timing_repeats=1, timing_warmup=0),
     generation=GenerationConfig(ltt_deltas=(0.1, 0.2), ltt_epsilon=0.05),
     # CNN/DM (96 new tokens after ~550-token articles): two operating points of the measure that best kept
-    # quality per saved layer on Alpaca and Dolly (the classifier)
-    task_method_configs={"cnndm": {"calm": ({**_CALM_CPU, "confidence": "classifier", "thresholds": (0.8, 0.6)},)}})
+    # quality per saved layer on Alpaca and Dolly (the classifier); ConsistentEE's comparison is Alpaca and Dolly
+    task_method_configs={"cnndm": {"calm": ({**_CALM_CPU, "confidence": "classifier", "thresholds": (0.8, 0.6)},),
+                                   "consistentee": ()}})
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in [
     Suite("quick", "Offline default: MiniLM-L6 on the embedded graded-sentiment task, CPU, a few minutes.",
@@ -147,8 +156,8 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           # the released BERT-12 reward variants span alpha 0.01-0.09 per layer
           method_configs={"consistentee": tuple({"alpha": a} for a in (0.01, 0.02, 0.04, 0.08))}),
     Suite("generation-smollm2", "CALM (softmax, saturation, classifier, oracle, ConsistentEE's variant) on SmolLM2-135M-"
-          "Instruct after anytime fine-tuning: Alpaca, Dolly, CNN/DM from ../shared/data/generation, CPU, LTT at "
-          "delta 0.1 / 0.2.", tasks=("alpaca", "dolly", "cnndm"), backbone="smollm2", **_GENERATION_CPU),
+          "Instruct after anytime fine-tuning, and ConsistentEE at three alphas (Alpaca and Dolly): Alpaca, Dolly, "
+          "CNN/DM from ../shared/data/generation, CPU, LTT at delta 0.1 / 0.2.", tasks=("alpaca", "dolly", "cnndm"), backbone="smollm2", **_GENERATION_CPU),
     Suite("generation-tiny", "CALM on the random tiny Llama, 24 Dolly prompts: the generation path end to end in "
           "about a minute (numbers mean nothing).", methods=("calm",), tasks=("dolly",), backbone="tiny-llama",
           data_dir="../shared/data/generation", train_limit=32, eval_limit=12, selection_examples=12,
@@ -156,9 +165,10 @@ SUITES: dict[str, Suite] = {suite.name: suite for suite in [
           eval=EvalConfig(batch_size=4, timing_batch_sizes=(1, 4), timing_examples=4, timing_repeats=1, timing_warmup=0),
           generation=GenerationConfig(max_new_tokens=12, bertscore="none", guarantee_draws=50)),
     Suite("generation-llama2", "The ConsistentEE paper's generation setting: Llama-2-7B from the hub, Alpaca and Dolly, "
-          "CALM's measures, 3 seeds; GPU. LoRA as the paper's runs (r 16, alpha 16, dropout 0.05, on q_proj and "
+          "CALM's measures and ConsistentEE at three alphas, 3 seeds; GPU. LoRA as the paper's runs (r 16, alpha 16, dropout 0.05, on q_proj and "
           "v_proj), merged into the weights after the anytime stage.",
-          methods=("calm",), method_configs=CALM_MEASURES, tasks=("alpaca", "dolly"), backbone="meta-llama/Llama-2-7b-hf",
+          methods=("calm", "consistentee"), tasks=("alpaca", "dolly"), backbone="meta-llama/Llama-2-7b-hf",
+          method_configs={**CALM_MEASURES, "consistentee": tuple({"alpha": a} for a in (0.01, 0.05, 0.1))},
           data_dir="../shared/data/generation", seeds=REAL_SEEDS, eval_limit=500, selection_examples=500,
           train=TrainConfig(epochs=1, lr=2e-4, batch_size=8, max_seq_length=512, lora_rank=16, lora_alpha=16.0,
                             lora_targets=("q_proj", "v_proj"), lora_dropout=0.05),

@@ -14,7 +14,7 @@ anyway (every prompt position's keys/values are needed by every layer), so it co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,18 +36,25 @@ class DecodeLimits:
     stop_strings: tuple[str, ...] = ()
 
 
+ExitHeads = Callable[[int, torch.Tensor], torch.Tensor]
+"""(layer, states (..., d)) -> next-token logits (..., V) of that layer's exit head; None = the model's own final
+norm + LM head at every layer (CALM's shared head). ConsistentEE passes its per-layer heads."""
+
+
 class LayerView:
     """What a rule may look at for the b running rows after one layer: their states, and their logits from
-    the shared head, computed at most once (and then counted as one LM-head evaluation per row)."""
+    the layer's exit head, computed at most once (and then counted as one LM-head evaluation per row)."""
 
-    def __init__(self, backbone: DecoderBackbone, hidden: torch.Tensor, rows: torch.Tensor):
+    def __init__(self, backbone: DecoderBackbone, hidden: torch.Tensor, rows: torch.Tensor, layer: int = 0,
+                 head: ExitHeads | None = None):
         self.backbone, self.hidden, self.rows = backbone, hidden, rows  # hidden (b, d); rows (b,) batch indices
+        self.layer, self._head = layer, head
         self._logits: torch.Tensor | None = None
 
     def logits(self) -> torch.Tensor:
         """(b, V) next-token logits of these rows at this layer."""
         if self._logits is None:
-            self._logits = self.backbone.logits(self.hidden)
+            self._logits = _head_logits(self.backbone, self._head, self.layer, self.hidden)
         return self._logits
 
     @property
@@ -113,9 +120,14 @@ class GenerationOutput:
     extras: dict[str, list] = field(default_factory=dict)
 
 
+def _head_logits(backbone: DecoderBackbone, head: ExitHeads | None, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    return backbone.logits(hidden) if head is None else head(layer, hidden)
+
+
 def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, limits: DecodeLimits,
            rule: TokenExitRule | None = None, propagation: str = "calm", fused: bool = True,
-           oracle_exit_points: Sequence[int] | None = None, keep_cache: bool = False) -> GenerationOutput:
+           oracle_exit_points: Sequence[int] | None = None, keep_cache: bool = False,
+           head: ExitHeads | None = None) -> GenerationOutput:
     """Greedy decoding of left-padded prompts input_ids / attention_mask (B, S); rule None = full depth.
 
     propagation: "calm" (each skipped layer's own norm + K/V + rotary from the exited state), "raw" (no
@@ -123,7 +135,8 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
     one stacked matmul (same numbers). oracle_exit_points: CALM's local-consistency oracle instead of a
     rule: run every layer, then exit each token at the first of these layers whose argmax equals the top
     layer's (the full model's token; an upper bound on savings that needs the full model to know it).
-    keep_cache: put the KV cache in `extras["cache"]` (for tests)."""
+    keep_cache: put the KV cache in `extras["cache"]` (for tests). head: per-layer exit heads (`ExitHeads`) for
+    every token, the prefill's and the top layer's included; None = the model's own head."""
     if propagation not in PROPAGATIONS:
         raise ValueError(f"unknown propagation '{propagation}'; choose one of {PROPAGATIONS}")
     size, width = input_ids.shape
@@ -138,7 +151,7 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
     bias = causal_bias(attention_mask, cache.key_mask[:, :width], 0, dtype)
     for index in range(1, last + 1):
         hidden = backbone.layer(index, hidden, cos, sin, bias, cache, None, 0)
-    next_tokens = backbone.logits(hidden[:, -1]).argmax(-1)
+    next_tokens = _head_logits(backbone, head, last, hidden[:, -1]).argmax(-1)
 
     tokens: list[list[int]] = [[] for _ in range(size)]
     layers: list[list[int]] = [[] for _ in range(size)]
@@ -176,14 +189,15 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
                 hidden = backbone.layer(index, hidden, cos, sin, bias, cache, None if all_rows else rows, column)
                 if index == last or index not in points:
                     continue
-                view = LayerView(backbone, hidden[:, 0], rows)
+                view = LayerView(backbone, hidden[:, 0], rows, index, head)
                 exiting = rule.decide(index, step, view, state)
                 rule_evaluations[rows.cpu()] += 1
                 if view.has_logits:
                     step_evals[rows.cpu()] += 1  # evaluated here; the producing evaluation is counted once below
                 if not bool(exiting.any()):  # the one host sync per exit point
                     continue
-                logits = view.logits()[exiting] if view.has_logits else backbone.logits(hidden[exiting, 0])
+                logits = view.logits()[exiting] if view.has_logits else _head_logits(backbone, head, index,
+                                                                                      hidden[exiting, 0])
                 if view.has_logits:
                     step_evals[rows[exiting].cpu()] -= 1
                 done = rows[exiting]
@@ -198,7 +212,7 @@ def decode(backbone: DecoderBackbone, input_ids: torch.Tensor, attention_mask: t
                 hidden, cos, sin, bias, rows = hidden[keep], cos[keep], sin[keep], bias[keep], rows[keep]
                 all_rows = False
             if len(rows):
-                step_tokens[rows] = backbone.logits(hidden[:, 0]).argmax(-1)
+                step_tokens[rows] = _head_logits(backbone, head, last, hidden[:, 0]).argmax(-1)
         next_tokens = step_tokens
         next_position = next_position + 1
         _append(tokens, layers, head_evals, active, step_tokens[active.to(device)].cpu(), step_layers[active],

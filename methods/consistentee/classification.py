@@ -1,4 +1,4 @@
-"""ConsistentEE (Zeng et al., AAAI 2024): a learned exit policy trained by REINFORCE, hardness-guided reward.
+"""ConsistentEE (Zeng et al., AAAI 2024) on classification: a learned exit policy trained by REINFORCE, hardness-guided reward.
 
 Spec: ../shared/docs/methods/consistentee.md. Modules: one shared pooler (the pre-trained one), a linear
 internal classifier (IC) per layer and a policy net per layer, Linear(d, 32) -> GELU -> Linear(32, 1) ->
@@ -134,7 +134,7 @@ def policy_net(hidden_size: int, width: int, init_std: float) -> nn.Sequential:
     return net
 
 
-class ConsistentEE:
+class ConsistentEEClassifier:
     """Per-layer ICs on a shared pooler + per-layer policy nets; joint warm-up, then REINFORCE and
     exit-layer-only classifier training; exit when P(exit) > 0.5."""
 
