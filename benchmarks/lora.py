@@ -69,3 +69,29 @@ def lora_stage(model: nn.Module, params: Sequence[nn.Parameter], rank: int, alph
             _merge_and_unload(module)
         for parameter, was_trainable in trainable_before.items():
             parameter.requires_grad_(was_trainable)
+
+
+@contextmanager
+def lora_adapters(root: nn.Module, target_pattern: str, rank: int, alpha: float, dropout: float = 0.0
+                  ) -> Iterator[list[nn.Parameter]]:
+    """LoRA (peft) on the linears of `root` whose names match the regex `target_pattern` (e.g. r"heads\\.\\d+"),
+    for a method's own modules: yields the adapters; the targets' weights are frozen meanwhile; on exit the
+    adapters are merged and removed (the modules are plain linears again, with W + (alpha / r) B A)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_pattern, lora_dropout=dropout, bias="none")
+    before = {p: p.requires_grad for p in root.parameters()}
+    inject_adapter_in_model(config, root)
+    try:
+        adapters = [p for name, p in root.named_parameters() if "lora_" in name]
+        if not adapters:
+            raise ValueError(f"LoRA: no module of {type(root).__name__} matches {target_pattern!r}")
+        for parameter in before:
+            parameter.requires_grad_(False)
+        yield adapters
+    finally:
+        _merge_and_unload(root)
+        if hasattr(root, "peft_config"):  # peft's bookkeeping of the adapters just merged: the next stage starts clean
+            del root.peft_config
+        for parameter, trainable in before.items():
+            parameter.requires_grad_(trainable)

@@ -186,6 +186,9 @@ def test_policy_stage_changes_only_the_policies_and_logs_exits(tmp_path):
     changed = {name for name, p in method.model.named_parameters() if not torch.equal(before[name], p)}
     assert changed and all(name.startswith(("heads.", "policies.")) for name in changed)  # the backbone is frozen
     assert any(name.startswith("policies.") for name in changed) and any(name.startswith("heads.") for name in changed)
+    # the released form: LoRA on copied heads, merged after each stage: plain linears and state-dict keys again
+    assert not any("lora_" in key for key in method.model.state_dict())
+    assert all(type(head) is torch.nn.Linear for head in method.model.heads)
     stages = trainer.stages
     assert [s["stage"].split(":")[0] for s in stages] == ["stage1", "stage2", "stage3"]
     assert all(math.isfinite(s["final_loss"]) for s in stages)

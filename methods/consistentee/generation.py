@@ -2,10 +2,12 @@
 
 Modules: an exit head per layer l < L reading the model's shared final norm, initialised from the LM head, and a
 policy per layer, Linear(d, 1) + sigmoid = P(exit) on the normed state (the released form; `policy="mlp"` is
-the encoder's two-layer net). The backbone is frozen, as released. Heads: `heads="lowrank"` (default) is the
-LM head plus a per-layer rank-16 adapter (alpha 16, dropout 0.05): the function class of the release's LoRA
-on 32 copied heads, without 30 copies of a 49k x 576 matrix; `heads="copied"` copies the head per layer and
-trains it whole (small models). Layer L keeps the model's own head, so that full depth is the model as shipped.
+the encoder's two-layer net). The backbone is frozen, as released. Heads, as released (default): a copy of the
+LM head per layer, trained through peft LoRA (rank 16, alpha 16, dropout 0.05) merged after each stage;
+`head_training="full"` trains the copies whole (small models); `heads="lowrank"` keeps ONE shared LM head plus a
+per-layer low-rank adapter of the same rank, the same function class without L - 1 copies of the head (for
+memory: SmolLM2's copies take 3.4 GB). Layer L keeps the model's own head, so that full depth is the model as
+shipped.
 
 Training (one round, as released): (1) the heads, CE of head l weighted by l at every response position;
 (2) the policies, REINFORCE over K replicas of each sequence (row k*B + i), baseline = mean reward of the K
@@ -54,7 +56,8 @@ class ConsistentEEDecoderConfig:
     eps_start: float = 0.1
     eps_decay_steps: float = 20000.0
     length_normalise: bool = True            # log pi / e, as the LLM code
-    heads: str = "lowrank"                   # lowrank (LM head + per-layer adapter) | copied (per-layer copies, trained whole)
+    heads: str = "copied"                    # copied (a head per layer, as released) | lowrank (shared head + adapters)
+    head_training: str = "lora"              # copied heads: lora (peft, merged after each stage, as released) | full
     head_rank: int = 16
     head_alpha: float = 16.0
     head_dropout: float = 0.05
@@ -71,7 +74,8 @@ class ConsistentEEDecoderConfig:
     exit_thresholds: tuple[float, ...] = (0.5,)  # P(exit) > t; values other than 0.5 are an eebench extension
 
     def __post_init__(self):
-        choices = {"rollout_policy": ("eps_greedy", "bernoulli"), "heads": ("lowrank", "copied"),
+        choices = {"rollout_policy": ("eps_greedy", "bernoulli"), "heads": ("copied", "lowrank"),
+                   "head_training": ("lora", "full"),
                    "policy": ("linear", "mlp"), "propagation": ("calm", "raw", "copy")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -283,17 +287,29 @@ class ConsistentEEDecoder:
         backbone_trainable = {p: p.requires_grad for p in model.backbone.parameters()}
         for parameter in backbone_trainable:  # frozen throughout, as released (the heads are new modules)
             parameter.requires_grad_(False)
-        heads, policies = list(model.heads.parameters()), list(model.policies.parameters())
+        policies = list(model.policies.parameters())
         stage1 = {k: v for k, v in asdict(config).items() if k.startswith(("head", "stage1", "positions"))}
-        trainer.cached("consistentee-decoder-stage1", stage1, lambda: trainer.train(
-            heads, self.stage1_loss, stage="stage1: exit heads, CE weighted by layer", epochs=config.stage1_epochs,
-            lr=config.stage1_lr))
+        trainer.cached("consistentee-decoder-stage1", stage1, lambda: self._train_heads(
+            trainer, self.stage1_loss, "stage1: exit heads, CE weighted by layer", config.stage1_epochs, config.stage1_lr))
         trainer.train(policies, self.policy_stage_loss, stage="stage2: policies (REINFORCE, K replicas per sequence)",
                       epochs=config.stage2_epochs, lr=config.stage2_lr)
-        trainer.train(heads, self.head_stage_loss, stage="stage3: exit heads at each token's exit layer",
-                      epochs=config.stage3_epochs, lr=config.stage3_lr)
+        self._train_heads(trainer, self.head_stage_loss, "stage3: exit heads at each token's exit layer",
+                          config.stage3_epochs, config.stage3_lr)
         for parameter, trainable in backbone_trainable.items():
             parameter.requires_grad_(trainable)
+
+    def _train_heads(self, trainer: Trainer, loss, stage: str, epochs: float, lr: float) -> None:
+        """One stage on the exit heads: through merged-after-the-stage LoRA on copied heads (the release), or the
+        parameters themselves (lowrank adapters; head_training="full")."""
+        config = self.config
+        if config.heads == "copied" and config.head_training == "lora":
+            from eebench.lora import lora_adapters
+
+            with lora_adapters(self.model, r"heads\.\d+", config.head_rank, config.head_alpha,
+                               config.head_dropout) as adapters:
+                trainer.train(adapters, loss, stage=stage, epochs=epochs, lr=lr)
+        else:
+            trainer.train(self.model.heads.parameters(), loss, stage=stage, epochs=epochs, lr=lr)
 
     # ---- inference ----------------------------------------------------------------------------------
     def knobs(self, task, num_layers: int) -> list[Knob]:
