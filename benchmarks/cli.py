@@ -144,9 +144,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     if "timed_saved_layer_speedup" not in records or records["timed_saved_layer_speedup"].isna().any():
         from eebench.analysis import with_timed_saved_layer_speedups
         records = with_timed_saved_layer_speedups(records, args.results)
-    if "floor_metric" not in records or records["floor_metric"].isna().any():
-        from eebench.analysis import with_floor_metrics
-        records = with_floor_metrics(records, args.results)
+    from eebench.analysis import with_floor_metrics  # records from before the runner stored the floor
+    records = with_floor_metrics(records, args.results)
     table = points_table(records)
     if args.ci:
         from eebench.analysis import bootstrap_intervals

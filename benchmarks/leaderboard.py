@@ -129,8 +129,8 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
     full = group[group["is_full_model"]]
     pts = group[~group["is_full_model"]]
     full_metric = float(full["metric"].mean()) if len(full) else math.nan
-    floor = float(group["floor_metric"].dropna().iloc[0]) if group.get("floor_metric", pd.Series()).notna().any() \
-        else math.nan
+    floors = group["floor_metric"].dropna() if "floor_metric" in group else pd.Series(dtype=float)
+    floor = float(floors.iloc[0]) if len(floors) else math.nan
     above_floor = (lambda m: m > floor + FLOOR_MARGIN + _EPS) if not math.isnan(floor) else (lambda m: np.ones(len(m), bool))
 
     def best_at(threshold: float) -> float:
@@ -414,10 +414,9 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     if ci:
         from eebench.analysis import bootstrap_draws  # analysis imports this module
         draws = bootstrap_draws(results_dir)
-    records = load_records(results_dir)
-    if records.get("floor_metric", pd.Series(dtype=float)).isna().any() or "floor_metric" not in records:
-        from eebench.analysis import with_floor_metrics  # records from before the runner stored the floor
-        records = with_floor_metrics(records, results_dir)
+    from eebench.analysis import with_floor_metrics  # analysis imports this module; fills pre-floor records
+
+    records = with_floor_metrics(load_records(results_dir), results_dir)
     board = leaderboard(records, draws=draws, **kwargs)
     path = Path(results_dir) / (filename or LEADERBOARD_FILE)
     atomic_write_text(path, to_markdown(board, digits=digits))
