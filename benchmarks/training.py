@@ -148,20 +148,22 @@ class LoopTrainer:
         self.stage_cache = stage_cache
         self.stages: list[dict] = []
 
-    def cached(self, name: str, signature: dict, run: Callable[[], object]) -> bool:
+    def cached(self, name: str, signature: dict, run: Callable[[], object], part: str | None = None) -> bool:
         """Run `run()` (training stages that change the model) once per (job settings, name, signature);
         later calls, e.g. from another job of an alpha sweep, restore the model's weights instead.
+        `part`: the submodule the stages train (e.g. "backbone"); only it is stored and restored, so methods
+        with different modules around one backbone share the stage (ConsistentEE from CALM's anytime stage).
         Returns True when restored. The restored stages are listed in `stages` with their original cost."""
         if self.stage_cache is None:
             run()
             return False
-        restored = self.stage_cache.load(self.model, name, signature, self.device)
+        restored = self.stage_cache.load(self.model, name, signature, self.device, part)
         if restored is not None:
             self.stages.extend({**stage, "from_cache": True} for stage in restored)
             return True
         first = len(self.stages)
         run()
-        self.stage_cache.save(self.model, name, signature, self.stages[first:])
+        self.stage_cache.save(self.model, name, signature, self.stages[first:], part)
         return False
 
     def batches(self, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -263,19 +265,28 @@ class StageCache:
                                 sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.directory / f"stage-{key}.pt"
 
-    def load(self, model: nn.Module, name: str, signature: dict, device) -> list[dict] | None:
+    def load(self, model: nn.Module, name: str, signature: dict, device, part: str | None = None) -> list[dict] | None:
+        """Restore the stage into `model` (only the keys under `part`, if given; a file holding the whole
+        model, as one saved without `part` does, serves too). None when the stage is not cached."""
         path = self._path(name, signature)
         meta = path.with_suffix(".json")
         if not (path.exists() and meta.exists()):
             return None
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = torch.load(path, map_location=device, weights_only=True)
+        if part is None:
+            model.load_state_dict(state)
+        else:
+            prefix = f"{part}."
+            model.get_submodule(part).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return json.loads(meta.read_text())
 
-    def save(self, model: nn.Module, name: str, signature: dict, stages: list[dict]) -> None:
+    def save(self, model: nn.Module, name: str, signature: dict, stages: list[dict], part: str | None = None) -> None:
         from eebench.store import atomic_write_text
         path = self._path(name, signature)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(model.state_dict(), tmp)
+        state = model.state_dict() if part is None else {
+            f"{part}.{k}": v for k, v in model.get_submodule(part).state_dict().items()}
+        torch.save(state, tmp)
         os.replace(tmp, path)
         atomic_write_text(path.with_suffix(".json"), json.dumps(stages))

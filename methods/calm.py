@@ -82,6 +82,40 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return F.cross_entropy(logits, labels, weight=weights)
 
 
+def anytime_loss(backbone, batch, exits_per_step: int, picked: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """sum_i w_i CE_i / sum_i w_i over layers 1..L of the shared head, w_i = i, estimated from a random subset
+    of `exits_per_step` layers below L (`picked` fixes the subset, for tests). Training covers every layer
+    below L whatever a job's exit set, so exit sets are inference choices sharing one checkpoint."""
+    last = backbone.num_layers
+    points = list(range(1, last))
+    k = min(exits_per_step, len(points))
+    if picked is None:
+        picked = [points[i] for i in torch.randperm(len(points))[:k].tolist()] if k else []
+    states = dict(backbone.forward_states(batch["input_ids"], batch["attention_mask"], {*picked, last}))
+    targets, valid = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+    total_weight = float(last + sum(points))
+    loss, stats = 0.0, {}
+    for layer in [last, *picked]:
+        scale = 1.0 if layer == last else len(points) / k
+        logits = backbone.logits(states[layer][:, :-1][valid])
+        ce = F.cross_entropy(logits.float(), targets[valid])
+        loss = loss + scale * layer * ce
+        if layer == last:
+            stats["ce_last"] = ce.item()
+    return loss / total_weight, stats
+
+
+def anytime_stage(trainer: Trainer, backbone, exits_per_step: int) -> bool:
+    """Anytime fine-tuning of the model's `backbone` submodule, cached under one name for every method that
+    starts from it (CALM; ConsistentEE with `backbone_init="calm-anytime"`): the jobs of one task, seed and
+    training settings train it once. True when restored from the cache."""
+    return trainer.cached(
+        "calm-anytime", {"exits_per_step": exits_per_step, "training_points": "every layer"},
+        lambda: trainer.train(backbone.parameters(), lambda batch: anytime_loss(backbone, batch, exits_per_step),
+                              stage="anytime: weighted per-exit LM loss, w_i = i"),
+        part="backbone")
+
+
 class CALMModel(nn.Module):
     """The decoder plus CALM's one extra module, the shared early-exit classifier Linear(d, 2)."""
 
@@ -181,24 +215,7 @@ class CALM:
     # --- training -------------------------------------------------------------------------------------------
 
     def anytime_loss(self, batch, picked: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """sum_i w_i CE_i / sum_i w_i over the exit points and L, w_i = i, estimated from a random subset of
-        `exits_per_step` exit points (`picked` fixes the subset, for tests)."""
-        points, last = list(self.training_points()), self.model.num_layers
-        k = min(self.config.exits_per_step, len(points))
-        if picked is None:
-            picked = [points[i] for i in torch.randperm(len(points))[:k].tolist()] if k else []
-        states = dict(self.model.backbone.forward_states(batch["input_ids"], batch["attention_mask"], {*picked, last}))
-        targets, valid = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
-        total_weight = float(last + sum(points))
-        loss, stats = 0.0, {}
-        for layer in [last, *picked]:
-            scale = 1.0 if layer == last else len(points) / k
-            logits = self.model.backbone.logits(states[layer][:, :-1][valid])
-            ce = F.cross_entropy(logits.float(), targets[valid])
-            loss = loss + scale * layer * ce
-            if layer == last:
-                stats["ce_last"] = ce.item()
-        return loss / total_weight, stats
+        return anytime_loss(self.model.backbone, batch, self.config.exits_per_step, picked)
 
     def classifier_loss(self, batch) -> torch.Tensor:
         """Class-balanced CE of the shared classifier at every layer below L against 'argmax_i == argmax_L'."""
@@ -220,9 +237,7 @@ class CALM:
 
     def fit(self, trainer: Trainer) -> None:
         model = self.model
-        trainer.cached("calm-anytime", {"exits_per_step": self.config.exits_per_step, "training_points": "every layer"},
-                       lambda: trainer.train(model.backbone.parameters(), self.anytime_loss,
-                                             stage="anytime: weighted per-exit LM loss, w_i = i"))
+        anytime_stage(trainer, model.backbone, self.config.exits_per_step)
         for parameter in model.backbone.parameters():
             parameter.requires_grad_(False)
         trainer.train(model.exit_classifier.parameters(), self.classifier_loss,

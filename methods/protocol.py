@@ -78,10 +78,11 @@ class Trainer(Protocol):
         gradient norm is clipped, None = `params` (DeeBERT's release clips over the whole model)."""
         ...
 
-    def cached(self, name: str, signature: dict[str, Any], run: Callable[[], object]) -> bool:
+    def cached(self, name: str, signature: dict[str, Any], run: Callable[[], object], part: str | None = None) -> bool:
         """Run `run()` (stages that change the model) once; a later job with the same job settings and the
         same (name, signature) restores the resulting weights instead. True when restored. This is how a
-        training-time sweep (ConsistentEE's alpha) shares its first stage."""
+        training-time sweep (ConsistentEE's alpha) shares its first stage. `part` (a submodule name such as
+        "backbone"): only that submodule is stored and restored, so another method's model can share it."""
         ...
 
     def batches(self, shuffle: bool = False, *, batch_size: int | None = None) -> Iterator[Batch]:

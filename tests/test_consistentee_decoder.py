@@ -212,3 +212,65 @@ def test_runs_through_the_runner_beside_calm(tmp_path):
     assert point.tokens_per_second > 0 and point.calibration and point.trained_on == "dolly"
     assert [stage["stage"].split(":")[0] for stage in point.train_stages] == ["stage1", "stage2", "stage3"]
     assert set(points_table(records).method) == {"consistentee"}
+
+
+@pytest.mark.parametrize("policy", ["linear", "mlp"])
+def test_policy_exit_prior_sets_the_starting_probability(policy):
+    method, backbone = _method(policy=policy, policy_exit_prior=0.05)
+    hidden = torch.randn(64, backbone.hidden_size)
+    probabilities = torch.sigmoid(torch.stack([method.model.policy_logits(layer, hidden)
+                                               for layer in range(1, backbone.num_layers + 1)]))
+    assert abs(probabilities.mean().item() - 0.05) < 0.01  # the released zero bias starts at 0.5
+    released, _ = _method(policy=policy)
+    released_mean = torch.sigmoid(released.model.policy_logits(1, hidden)).mean().item()
+    assert abs(released_mean - 0.5) < 0.05
+    with pytest.raises(ValueError, match="policy_exit_prior must be a probability"):
+        ConsistentEE(heads="copied", policy_exit_prior=1.0)
+
+
+def _trainer(model, backbone, cache_dir, epochs=0.25):
+    from eebench.evaluation.generation import GenerationEvaluator
+    from eebench.runner import Job
+    from eebench.tasks import load_split
+    from eebench.training import LoopTrainer, StageCache, TrainConfig
+
+    from conftest import SHARED_DATA
+
+    spec = get_task("dolly")
+    train = load_split(spec, "train", SHARED_DATA / "generation", limit=8, seed=0)
+    config = TrainConfig(epochs=epochs, lr=1e-3, batch_size=4, max_seq_length=48)
+    job = Job(method="consistentee", task="dolly", seed=0, backbone="tiny-llama", train=config)
+    encoded = GenerationEvaluator().encode_train(train.examples, backbone, job, spec)
+    return LoopTrainer(model, encoded, config, 0, backbone.tokenizer.pad_token_id, "cpu", progress=False,
+                       stage_cache=StageCache(cache_dir, {"job": "shared by both methods"}))
+
+
+def test_calm_anytime_backbone_is_calms_own_stage_restored_from_the_cache(tmp_path):
+    """backbone_init="calm-anytime": CALM's jobs train the anytime stage once; ConsistentEE restores exactly
+    that backbone (only the backbone: its heads and policies are other modules) and trains heads and policies
+    on it, frozen; its copied heads start from the fine-tuned LM head, so every layer starts as CALM's exit."""
+    from eebench.methods.calm import anytime_stage
+
+    calm = build_method("calm")
+    calm_backbone = load_backbone("tiny-llama", seed=0)
+    calm.attach(calm_backbone, get_task("dolly"))
+    shipped = {k: v.clone() for k, v in calm_backbone.state_dict().items()}
+    assert anytime_stage(_trainer(calm.model, calm_backbone, tmp_path), calm_backbone, 4) is False  # trained
+    trained = calm_backbone.state_dict()
+    assert any(not torch.equal(shipped[k], trained[k]) for k in trained)
+
+    restored, backbone = _method(backbone_init="calm-anytime", num_rollouts=2, positions_per_sequence=8)
+    assert anytime_stage(_trainer(restored.model, backbone, tmp_path), backbone, 4) is True
+    restored.model.copy_lm_head_into_heads()
+    hidden = torch.randn(3, backbone.hidden_size)
+    for layer in range(1, backbone.num_layers + 1):
+        torch.testing.assert_close(restored.model.head_logits(layer, hidden), calm_backbone.logits(hidden))
+
+    method, backbone = _method(backbone_init="calm-anytime", num_rollouts=2, positions_per_sequence=8)
+    trainer = _trainer(method.model, backbone, tmp_path)
+    method.fit(trainer)
+    assert [s["stage"].split(":")[0] for s in trainer.stages] == ["anytime", "stage1", "stage2", "stage3"]
+    assert trainer.stages[0].get("from_cache") and not trainer.stages[1].get("from_cache")
+    for key, value in backbone.state_dict().items():  # frozen after the restored stage
+        torch.testing.assert_close(value, trained[key])
+    assert method.training_signature()["backbone_init"] == "calm-anytime"

@@ -117,3 +117,33 @@ def test_defaults_are_the_suites_batch_size_and_the_trained_parameters():
         return model.a.weight.detach().clone()
 
     assert torch.equal(run(False), run(True))
+
+
+class Wrapped(nn.Module):
+    """Another method's modules around the same `a`: only the part both have can be shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.policy = nn.Linear(4, 2), nn.Linear(2, 1)
+
+
+def test_a_cached_part_is_restored_into_another_model_and_old_whole_files_serve_too(tmp_path):
+    from eebench.training import StageCache
+
+    cache = StageCache(tmp_path, {"task": "toy"})
+    toy = Toy()
+    trainer = LoopTrainer(toy, _data(8), TrainConfig(epochs=1, lr=0.1, batch_size=4), 0, 0, "cpu", progress=False,
+                          stage_cache=cache)
+    assert trainer.cached("warm-a", {"v": 1}, lambda: trainer.train(toy.a.parameters(), toy.loss, stage="a"),
+                          part="a") is False
+    other = Wrapped()
+    policy_before = other.policy.weight.clone()
+    restorer = LoopTrainer(other, _data(8), TrainConfig(), 0, 0, "cpu", progress=False, stage_cache=cache)
+    assert restorer.cached("warm-a", {"v": 1}, lambda: pytest.fail("the stage is cached"), part="a") is True
+    torch.testing.assert_close(other.a.weight, toy.a.weight)
+    assert torch.equal(other.policy.weight, policy_before)  # what is not the part is left alone
+    assert restorer.stages[0]["stage"] == "a" and restorer.stages[0]["from_cache"]
+    cache.save(toy, "whole", {}, [])  # a file of the whole model, as stages cached without `part` are
+    fresh = Wrapped()
+    assert cache.load(fresh, "whole", {}, "cpu", part="a") == []
+    torch.testing.assert_close(fresh.a.weight, toy.a.weight)

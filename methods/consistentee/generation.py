@@ -19,6 +19,12 @@ alpha=0 its committed script); (3) the heads on the CE at each position's exit l
 Training-time state copying: once a position exits at e, h_e is its input to (and output of) every higher
 layer, so later positions attend to the keys/values inference gives them (CALM's propagation; the released
 inference projects the raw state without the norm: `propagation="raw"`).
+Two eebench extensions, off by default (README, fidelity notes, says what each measured): `policy_exit_prior=p`
+starts every policy at P(exit) = p instead of 0.5 (at 0.5 per layer half the tokens leave at layer 1 before
+stage 2 has taught anything, and a CPU budget gives it few steps); `backbone_init="calm-anytime"` gives the
+backbone CALM's anytime fine-tuning first, the very stage CALM's jobs train and cache (shared through
+`Trainer.cached(part="backbone")`), and re-copies the heads from its LM head: both methods then exit from one
+network, and the shallow heads start from a head every layer was trained to feed.
 Rewards pair each position's state with the NEXT token's label (the release mixes shifted and unshifted
 positions, spec §11.10) and cover response tokens only; `positions_per_sequence` of them are scored per
 sequence (every position still runs and exits), for the CPU budget.
@@ -63,6 +69,9 @@ class ConsistentEEDecoderConfig:
     head_dropout: float = 0.05
     policy: str = "linear"                   # linear (released LLM form) | mlp (the encoder's Linear-GELU-Linear)
     policy_hidden: int = 32
+    policy_exit_prior: float | None = None   # None: P(exit) ~ 0.5 at the start (zero bias, as released); p: bias logit(p)
+    backbone_init: str = "shipped"           # shipped (frozen as released) | calm-anytime (CALM's anytime stage first)
+    anytime_exits_per_step: int = 4          # calm-anytime: CALM's exits_per_step (equal values share CALM's stage)
     positions_per_sequence: int = 32         # scored response positions per sequence and step
     stage1_epochs: float = 1.0
     stage1_lr: float = 3e-4
@@ -76,10 +85,13 @@ class ConsistentEEDecoderConfig:
     def __post_init__(self):
         choices = {"rollout_policy": ("eps_greedy", "bernoulli"), "heads": ("copied", "lowrank"),
                    "head_training": ("lora", "full"),
-                   "policy": ("linear", "mlp"), "propagation": ("calm", "raw", "copy")}
+                   "policy": ("linear", "mlp"), "propagation": ("calm", "raw", "copy"),
+                   "backbone_init": ("shipped", "calm-anytime")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"consistentee (generation): {name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.policy_exit_prior is not None and not 0.0 < self.policy_exit_prior < 1.0:
+            raise ValueError(f"policy_exit_prior must be a probability in (0, 1) or None, got {self.policy_exit_prior}")
         if self.num_rollouts < 2:
             raise ValueError(f"num_rollouts must be >= 2 (the baseline is the mean over them), got {self.num_rollouts}")
 
@@ -117,7 +129,16 @@ class DecoderExitModel(nn.Module):
             if isinstance(policy, nn.Linear):  # P(exit) ~ 0.5 before training, as the encoder's policies
                 nn.init.normal_(policy.weight, std=init)
                 nn.init.zeros_(policy.bias)
+            if config.policy_exit_prior is not None:  # the output layer's bias: P(exit) ~ prior for any state
+                output = policy if isinstance(policy, nn.Linear) else policy[-1]
+                nn.init.constant_(output.bias, math.log(config.policy_exit_prior / (1 - config.policy_exit_prior)))
         self.policies = nn.ModuleList(policies)
+
+    def copy_lm_head_into_heads(self) -> None:
+        """Re-initialise copied heads from the model's LM head as it is now (after the backbone was trained)."""
+        if self.config.heads == "copied":
+            for head in self.heads:
+                head.load_state_dict(self.backbone.model.lm_head.state_dict())
 
     @property
     def num_layers(self) -> int:
@@ -284,11 +305,17 @@ class ConsistentEEDecoder:
 
     def fit(self, trainer: Trainer) -> None:
         model, config = self.model, self.config
+        if config.backbone_init == "calm-anytime":  # the network CALM exits from; heads start from its LM head
+            from eebench.methods.calm import anytime_stage
+
+            anytime_stage(trainer, model.backbone, config.anytime_exits_per_step)
+            model.copy_lm_head_into_heads()
         backbone_trainable = {p: p.requires_grad for p in model.backbone.parameters()}
-        for parameter in backbone_trainable:  # frozen throughout, as released (the heads are new modules)
+        for parameter in backbone_trainable:  # frozen from here on, as released (the heads are new modules)
             parameter.requires_grad_(False)
         policies = list(model.policies.parameters())
-        stage1 = {k: v for k, v in asdict(config).items() if k.startswith(("head", "stage1", "positions"))}
+        stage1 = {k: v for k, v in asdict(config).items()
+                  if k.startswith(("head", "stage1", "positions", "backbone_init", "anytime"))}
         trainer.cached("consistentee-decoder-stage1", stage1, lambda: self._train_heads(
             trainer, self.stage1_loss, "stage1: exit heads, CE weighted by layer", config.stage1_epochs, config.stage1_lr))
         trainer.train(policies, self.policy_stage_loss, stage="stage2: policies (REINFORCE, K replicas per sequence)",
