@@ -1,8 +1,10 @@
-"""`eebench` command line: run, leaderboard, points, difficulty, hardness, plot, methods, tasks, suites, glossary."""
+"""`eebench` command line: run suites of early-exit jobs, then read their stored results (leaderboard, points,
+training, difficulty, hardness, plot) or list what exists (methods, tasks, suites, glossary)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -19,15 +21,48 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
     return [item for value in values for item in value.replace(",", " ").split()]
 
 
+def _seed_values(text: str) -> list[int]:
+    """`--seeds 0,1 2`: each argument is one or more comma-separated integers (checked by argparse, so a typo
+    fails at once, before torch is imported)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers (e.g. --seeds 0 1 2 or 0,1,2), got '{text}'") from None
+
+
+class _RunHelp(argparse.Action):
+    """`eebench run --help` lists the suites, methods and tasks by name. They are read only when help is asked
+    for, since the registries import torch (seconds) and every other use of the parser should stay fast."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from eebench.methods import method_names
+        from eebench.suites import SUITES
+        from eebench.tasks import task_names
+
+        default = SUITES[DEFAULT_SUITE]
+        parser.epilog = (f"suites: {', '.join(SUITES)}\nmethods: {', '.join(method_names())}\n"
+                         f"tasks: {', '.join(task_names('all'))}\ndefault suite '{DEFAULT_SUITE}': methods "
+                         f"{', '.join(default.methods)}; tasks {', '.join(default.tasks)}; seeds "
+                         f"{', '.join(map(str, default.seeds))}; backbone {default.backbone}. Each suite's own "
+                         f"settings: `eebench suites`.")
+        parser.print_help()
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eebench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="fine-tune and evaluate a suite of jobs; results go to --out")
+    run = sub.add_parser("run", help="fine-tune and evaluate a suite of jobs; results go to --out", add_help=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("-h", "--help", action=_RunHelp, help="show this help (with every suite, method and task name)")
     run.add_argument("--suite", default=DEFAULT_SUITE, help=f"named suite (default {DEFAULT_SUITE}; see `eebench suites`)")
     run.add_argument("--methods", nargs="+", help="override the suite's methods (a,b or a b)")
     run.add_argument("--tasks", nargs="+", help="override the suite's tasks")
-    run.add_argument("--seeds", nargs="+", help="override the suite's seeds")
+    run.add_argument("--seeds", nargs="+", type=_seed_values, help="override the suite's seeds (integers)")
     run.add_argument("--backbone", help="encoders: minilm (offline default), tiny-bert; decoders: smollm2 (offline), "
                                         "tiny-llama; or a hub name / local folder")
     run.add_argument("--pooling", choices=("auto", "cls", "mean"),
@@ -44,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
     run.add_argument("--cache-dir", help="fine-tuned checkpoint cache (default $EEBENCH_CACHE or .eebench_cache)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--allow-mixed-commits", action="store_true",
+                     help="add jobs to a results folder that other code measured (refused by default)")
 
     for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
                        ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
@@ -83,25 +120,38 @@ def _device(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _library_bars(shown: bool):
+    """transformers' own bars (loading weights, de-quantising GGUF) follow --quiet too, for this call only."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from eebench.leaderboard import leaderboard, load_records, to_markdown
+    from eebench.leaderboard import load_records, to_markdown, write_leaderboard
     from eebench.methods import get_method_class
     from eebench.runner import run_jobs
     from eebench.suites import get_suite
     from eebench.tasks import get_task
 
     suite = get_suite(args.suite)
-    methods, tasks, seeds = _split_list(args.methods), _split_list(args.tasks), _split_list(args.seeds)
+    methods, tasks = _split_list(args.methods), _split_list(args.tasks)
     for name in methods or []:
         get_method_class(name)  # unknown names fail here, before any work
     for name in tasks or []:
         get_task(name)
-    try:
-        seed_values = tuple(int(s) for s in seeds) if seeds else None
-    except ValueError as error:
-        raise ValueError(f"--seeds takes integers, got {seeds}") from error
+    seed_values = tuple(seed for values in args.seeds for seed in values) if args.seeds else None
     suite = suite.with_overrides(methods=tuple(methods) if methods else None, tasks=tuple(tasks) if tasks else None,
                                  seeds=seed_values, backbone=args.backbone, pooling=args.pooling, data_dir=args.data_dir,
                                  train_limit=args.train_limit, eval_limit=args.eval_limit,
@@ -114,14 +164,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = suite.jobs(_device(args.device))
     print(f"eebench run: {len(jobs)} job(s) of suite '{suite.name}' -> {out}")
     started = time.perf_counter()
-    summary = run_jobs(jobs, out, Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
+    # Bars only on a terminal: piped into a log they are escape codes. Without bars, job lines still print.
+    progress = not args.quiet and sys.stderr.isatty()
+    with _library_bars(progress):
+        summary = run_jobs(jobs, out, Path(args.cache_dir) if args.cache_dir else None, progress=progress,
+                           allow_mixed_commits=args.allow_mixed_commits)
     elapsed = time.perf_counter() - started
     print(f"\n{len(summary['done'])} job(s) run, {len(summary['skipped'])} already done, "
           f"{len(summary['unsupported'])} unsupported, in {elapsed:.0f} s.")
-    records = load_records(out)
-    if len(records):
+    if len(load_records(out)):
+        board, path = write_leaderboard(out)  # the table a run ends with is also a file, as `eebench leaderboard`'s
         print()
-        print(to_markdown(leaderboard(records)))
+        print(to_markdown(board))
+        print(f"written: {path}")
     return 0
 
 
@@ -139,7 +194,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_points(args: argparse.Namespace) -> int:
     from eebench.leaderboard import load_records, points_markdown, points_table
-    from eebench.store import atomic_write_text
+    from eebench.store import atomic_write_text, commits_line
     records = load_records(args.results)
     if "timed_saved_layer_speedup" not in records or records["timed_saved_layer_speedup"].isna().any():
         from eebench.analysis import with_timed_saved_layer_speedups
@@ -155,7 +210,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
         table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
         table = table.drop(columns="_knob")
-    text = points_markdown(table, all_metrics=args.all_metrics)
+    text = points_markdown(table, all_metrics=args.all_metrics) + "\n" + commits_line(args.results) + "\n"
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eebench.store import atomic_write_text
+from eebench.store import atomic_write_text, commits_line
 
 RECORDS_FILE = "records.jsonl"
 LEADERBOARD_FILE = "leaderboard.md"
@@ -378,28 +378,24 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
             _pct(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    legend = (
-        f"*Speed-up = {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}; metrics on dev x100, "
-        "mean ± std over seeds. full model: the method's own full-depth run"
-        + ("; standard fine-tune: the task's plain fine-tune on the same backbone and seed (DeeBERT's full "
-           "model)" if standard else "")
-        + ("; floor: the best a constant prediction scores on dev (majority class, all-positive F1, 0 for a "
-           f"correlation); values at most {100 * FLOOR_MARGIN:g} pt above it are floor-level, marked (floor), and never "
-           "count as within tolerance"
-           if floors else "")
-        + (f". held-out pick (the headline): the point chosen on the held-out selection set (largest held-out "
-           f"saved-layer speed-up within {tol:g} pt of the full model there), reported on dev" if held_out else "")
-        + ". dev max (optimistic, chosen on dev itself): metric @1.5x / @2x: best metric among early-exit points "
-        f"with speed-up ≥ 1.5x / 2x (— if none in some seed); speed-up @−{tol:g}pt: largest speed-up whose metric "
-        f"is ≥ the reference − {tol:g} pt and above the floor (full model = 1.00x); "
-        f"AUC {lo:g}–{hi:g}x: mean over speed-ups s in [{lo:g}, {hi:g}] of max(floor, best metric reached at ≥ s) "
-        "(Pareto frontier, full model at 1.0x; beyond the fastest point a constant answer, the floor, is what "
-        "remains, so a short grid is not scored 0 there)."
-        + (" [a, b]: 95 % percentile-bootstrap interval over dev examples (1000 resamples, seed 0, paired across "
-           "points and seeds; speed-ups held at their dev values)." if with_ci else "")
-        + "*"
-    )
-    return "\n".join(lines) + "\n\n" + legend + "\n"
+    seeds = int(board["seeds"].max()) if len(board) else 0
+    legend = [
+        f"Speed-up: {speedup} ({SPEEDUPS.get(speedup, speedup)}), batch size {batch}. Metrics: dev x100"
+        + (", mean ± std over seeds." if seeds > 1 else ", one seed (no spread)."),
+        "full model: the method's own full-depth run"
+        + ("; standard fine-tune: the task's plain fine-tune, same backbone and seed (DeeBERT's full model)."
+           if standard else "."),
+        *([f"floor: the best constant prediction on dev; (floor) marks values at most {100 * FLOOR_MARGIN:g} pt above "
+           "it, never counted as within tolerance."] if floors else []),
+        *([f"held-out pick (the headline): chosen on held-out training examples (largest speed-up within {tol:g} pt "
+           "of the full model there), reported on dev."] if held_out else []),
+        f"dev max (optimistic, chosen on dev itself): best metric at speed-up ≥ 1.5x / 2x; largest speed-up within "
+        f"{tol:g} pt of the reference and above the floor; AUC {lo:g}–{hi:g}x = mean over s of max(floor, best "
+        "metric at ≥ s).",
+        *(["[a, b]: 95 % bootstrap interval over dev examples (1000 resamples, seed 0)."] if with_ci else []),
+        "Formulas: `eebench glossary`.",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in legend) + "\n"
 
 
 def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None, ci: bool = False,
@@ -419,7 +415,7 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     records = with_floor_metrics(load_records(results_dir), results_dir)
     board = leaderboard(records, draws=draws, **kwargs)
     path = Path(results_dir) / (filename or LEADERBOARD_FILE)
-    atomic_write_text(path, to_markdown(board, digits=digits))
+    atomic_write_text(path, to_markdown(board, digits=digits) + "\n" + commits_line(results_dir) + "\n")
     return board, path
 
 

@@ -24,7 +24,7 @@ from eebench.env import environment, git_commit
 from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_traceable: re-exported for tests)
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
-from eebench.store import ResultsStore, atomic_write_text
+from eebench.store import ResultsStore, atomic_write_text, check_one_commit
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
 from eebench.timing import TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
@@ -269,12 +269,17 @@ def validate_jobs(jobs: list[Job]) -> None:
 
 
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+             log: Callable[[str], None] | None = None, allow_mixed_commits: bool = False) -> dict[str, list[str]]:
     """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}.
-    Every pending job's input is checked first (`validate_jobs`), so bad input never touches the store."""
+    Every pending job's input is checked first (`validate_jobs`), so bad input never touches the store; so is
+    the code: a folder measured by another commit gets no new job (`MixedCommitsError`) unless
+    `allow_mixed_commits`."""
     log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
     finished = ResultsStore.finished_jobs(out_dir)
-    validate_jobs([job for job in jobs if job.job_id not in finished])
+    pending = [job for job in jobs if job.job_id not in finished]
+    validate_jobs(pending)
+    if pending and not allow_mixed_commits:
+        check_one_commit(out_dir, git_commit())
     store = ResultsStore(out_dir)
     if store.adopted:
         log(f"kept {len(store.adopted)} job(s) that only {store.records_path} held, as jobs/ files: "

@@ -59,6 +59,61 @@ class StoreError(ValueError):
     """A results folder the store cannot use without losing a record; the message names the file and fix."""
 
 
+class MixedCommitsError(StoreError):
+    """A run would add records measured by other code to a folder (a table is measured by one commit)."""
+
+
+def measured_commits(root: str | Path) -> dict[str, int]:
+    """{commit that measured a job: number of jobs} over a results folder's jobs/ files and records.jsonl
+    lines (merged ones too), read-only; a record without one counts as "unrecorded"."""
+    root, by_job = Path(root), {}
+    sources = sorted((root / "jobs").glob("*.jsonl")) if (root / "jobs").is_dir() else []
+    if (root / "records.jsonl").exists():
+        sources.append(root / "records.jsonl")
+    for path in sources:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the store's own check names such a line when it opens the folder
+            if isinstance(record, dict):
+                environment = record.get("environment")
+                commit = environment.get("git_commit") if isinstance(environment, dict) else None
+                by_job.setdefault(str(record.get("job_id", path.stem)), commit or "unrecorded")
+    counts: dict[str, int] = {}
+    for commit in by_job.values():
+        counts[commit] = counts.get(commit, 0) + 1
+    return counts
+
+
+def commits_line(root: str | Path) -> str:
+    """One line for a table's footer: the commit that measured the folder's jobs, or every commit if several."""
+    commits = measured_commits(root)
+    listed = ", ".join(f"{commit[:12]} ({n} job{'s' * (n != 1)})" for commit, n in sorted(commits.items()))
+    if not commits:
+        return "No jobs measured yet."
+    if set(commits) == {"unrecorded"}:
+        return f"Commit not recorded ({listed.removeprefix('unrecorded ')[1:-1]}, written without one)."
+    if len(commits) == 1:
+        return f"Measured at commit {listed}."
+    return f"**Mixed commits**: {listed}. Rows from different code are not one measurement."
+
+
+def check_one_commit(root: str | Path, current: str) -> None:
+    """Raise MixedCommitsError when the folder holds jobs measured by a commit other than `current`."""
+    commits = measured_commits(root)
+    others = {commit: n for commit, n in commits.items() if commit != current}
+    if not others:
+        return
+    listed = ", ".join(f"{commit[:12]} ({n} job{'s' * (n != 1)})" for commit, n in sorted(commits.items()))
+    raise MixedCommitsError(
+        f"{root} holds jobs measured at {listed}; this checkout is {current[:12]}. A results table is measured by "
+        f"one commit, so new jobs would mix code into it. Fix: pass a new --out; or finish the folder with the "
+        f"code that measured it (git worktree add /tmp/eebench-{next(iter(others))[:7]} "
+        f"{next(iter(others)).split('+')[0]}, then run from there); or pass --allow-mixed-commits to add them "
+        f"anyway (tables then list every commit). Nothing was run or changed.")
+
+
 class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -100,12 +100,18 @@ class Timed:
 
 
 def interleaved_times(candidates: Mapping[str, Callable[[], object]], clock: Clock, repeats: int = 3,
-                      warmup: int = 1, retime_spread: float | None = MAX_REPEAT_SPREAD) -> dict[str, Timed]:
+                      warmup: int = 1, retime_spread: float | None = MAX_REPEAT_SPREAD,
+                      progress: str | None = None) -> dict[str, Timed]:
     """Every candidate's counted repeats over `repeats` interleaved rounds, after `warmup` uncounted rounds.
     When some candidate's repeats spread beyond `retime_spread`, all are timed once more (a burst of other
-    load hits one round, rarely two) and the run with the smaller worst spread is kept."""
+    load hits one round, rarely two) and the run with the smaller worst spread is kept. `progress`: the
+    description of a tqdm bar over the runs (with ETA), updated between timed regions; None: no bar."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    from tqdm.auto import tqdm
+
+    runs = (warmup + repeats) * len(candidates)
+    bar = tqdm(total=runs, desc=progress, disable=progress is None, leave=False, unit="run")
 
     def measure() -> dict[str, Timed]:
         samples: dict[str, list[float]] = {name: [] for name in candidates}
@@ -114,6 +120,7 @@ def interleaved_times(candidates: Mapping[str, Callable[[], object]], clock: Clo
                 clock.start()
                 run()
                 elapsed = clock.stop()
+                bar.update()  # after the clock stopped: the bar costs the measurement nothing
                 if round_index >= warmup:
                     samples[name].append(elapsed)
         return {name: Timed(tuple(values)) for name, values in samples.items()}
@@ -121,9 +128,18 @@ def interleaved_times(candidates: Mapping[str, Callable[[], object]], clock: Clo
     first = measure()
     worst = max(timed.spread for timed in first.values())
     if retime_spread is None or worst <= retime_spread:
+        bar.close()
         return first
+    bar.reset(total=runs)
+    bar.set_description(f"{progress} (again: repeats spread {100 * worst:.0f}%)")
     second = measure()
+    bar.close()
     return second if max(timed.spread for timed in second.values()) < worst else first
+
+
+def timing_bar(progress: bool, points: int, batch_size: int, examples: int) -> str | None:
+    """The timing bar's description, or None (no bar) when the run shows no progress."""
+    return f"timing {points} points, batch size {batch_size}, {examples} examples" if progress else None
 
 
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], clock: Clock,

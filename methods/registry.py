@@ -117,8 +117,13 @@ def list_methods() -> list[MethodInfo]:
     infos = []
     for name in method_names():
         cls = get_method_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()
         infos.append(MethodInfo(name=name, granularity=cls.granularity, task_kinds=tuple(sorted(cls.task_kinds)),
                                 knob_names=tuple(cls.knob_names), origin=_lookup(name).origin,
-                                summary=doc[0] if doc else ""))
+                                summary=docstring_summary(cls.__doc__)))
     return infos
+
+
+def docstring_summary(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line: a summary wrapped over several lines stays whole."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,17 @@ import torch
 from eebench.runner import EvalConfig, Job
 from eebench.training import TrainConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The one place the tests find real data: $EEBENCH_SHARED_DATA, else ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("EEBENCH_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GLUE = SHARED_DATA / "glue"
+
+
+def pytest_configure(config):
+    if not (SHARED_DATA / "glue").is_dir():
+        raise pytest.UsageError(
+            f"the tests read slices of real data from {SHARED_DATA}, which has no glue/ folder. Point "
+            f"EEBENCH_SHARED_DATA at the folder holding glue/, generation/ and mcid/ (the project's shared/data), "
+            f"e.g. EEBENCH_SHARED_DATA=/path/to/shared/data python -m pytest -q")
 
 FAST_TRAIN = TrainConfig(epochs=1, lr=1e-3, batch_size=16, max_seq_length=48)
 FAST_EVAL = EvalConfig(batch_size=8, timing_batch_sizes=(1, 4), timing_examples=8, timing_repeats=1, timing_warmup=0)

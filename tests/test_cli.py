@@ -36,13 +36,53 @@ def test_list_options_accept_commas_and_spaces():
     (["run", "--methods", "pabe"], "Did you mean 'pabee'"),
     (["run", "--tasks", "sst3"], "did you mean 'sst2'"),
     (["run", "--suite", "quik"], "Did you mean 'quick'"),
-    (["run", "--seeds", "zero"], "--seeds takes integers"),
     (["run", "--device", "cuda:3"], "use --device cpu"),
     (["leaderboard", "--results", "/nonexistent/dir"], "eebench run --out"),
 ])
 def test_bad_arguments_fail_with_a_named_fix(capsys, args, expected):
     assert main(args) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_typed_flags_fail_in_argparse_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom eebench.cli import main\ntry:\n    main(['run', '--seeds', '0,zero'])\n"
+             "except SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"]
+    assert "seeds are integers (e.g. --seeds 0 1 2 or 0,1,2), got '0,zero'" in done.stderr
+
+
+def test_seeds_take_commas_and_spaces():
+    from eebench.cli import _parser
+
+    assert _parser().parse_args(["run", "--seeds", "0,1", "2"]).seeds == [[0, 1], [2]]
+
+
+def test_run_help_names_every_suite_method_and_task_and_the_default_seeds(capsys):
+    from eebench.methods import method_names
+    from eebench.suites import SUITES
+    from eebench.tasks import task_names
+
+    with pytest.raises(SystemExit) as exit:
+        main(["run", "--help"])
+    assert exit.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in [*SUITES, *method_names(), *task_names("all")])
+    assert f"seeds {', '.join(map(str, SUITES['quick'].seeds))}" in shown and "--allow-mixed-commits" in shown
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(command in top for command in ("run", "leaderboard", "points", "training", "plot", "glossary"))
+
+
+def test_method_summaries_are_whole_paragraphs():
+    from eebench.methods.registry import docstring_summary, list_methods
+
+    assert docstring_summary("A summary wrapped\n    over two lines.\n\n    Details.") == "A summary wrapped over two lines."
+    assert all(info.summary and "\n" not in info.summary for info in list_methods())
 
 
 def test_missing_train_split_is_named(capsys, tmp_path):
@@ -105,6 +145,7 @@ def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
     assert main(["run", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "2 job(s) run" in printed and "| graded | " in printed  # the summary table
+    assert f"written: {out / 'leaderboard.md'}" in printed and (out / "leaderboard.md").exists()
     assert main(["leaderboard", "--results", str(out)]) == 0
     assert (out / "leaderboard.md").read_text().count("| graded |") == 2
     assert main(["leaderboard", "--results", str(out), "--speedup", "wallclock_speedup", "--batch-size", "32"]) == 0
@@ -113,6 +154,8 @@ def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
     points = (out / "points.md").read_text()
     assert "wall-clock bs=1" in points and "wall-clock bs=32" in points and "patience=1" in points
     assert "realization bs=1" in points
+    assert points.rstrip().endswith("(2 jobs).") and "Measured at commit " in points  # one commit measured it
+    assert "Measured at commit " in (out / "leaderboard.md").read_text()
     assert main(["points", "--results", str(out), "--ci"]) == 0
     assert "95% CI" in (out / "points.md").read_text()
     assert main(["difficulty", "--results", str(out)]) == 0

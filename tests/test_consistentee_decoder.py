@@ -202,7 +202,10 @@ def test_runs_through_the_runner_beside_calm(tmp_path):
     from eebench.runner import run_jobs
     from eebench.suites import get_suite
 
+    from conftest import SHARED_DATA
+
     suite = get_suite("generation-tiny").with_overrides(methods=("consistentee",), train_limit=8, eval_limit=4,
+                                                          data_dir=str(SHARED_DATA / "generation"),
                                                           selection_examples=4)
     summary = run_jobs(suite.jobs(), tmp_path / "out", tmp_path / "cache", progress=False, log=lambda _: None)
     assert summary["done"] == ["consistentee / dolly / seed 0 / tiny-llama"]

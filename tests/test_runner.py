@@ -213,3 +213,39 @@ def test_real_suites_choose_points_on_held_out_data():
     jobs = SUITES["leaderboard-minilm"].jobs()
     assert {(job.task, job.selection_examples) for job in jobs} == {("sst2", 500), ("mcid", 200)}
     assert {job.seed for job in jobs} == {0, 1, 2} and len({job.job_id for job in jobs}) == len(jobs) == 48
+
+
+def test_a_folder_measured_by_other_code_gets_no_new_job_unless_allowed(sst2_run, tmp_path, monkeypatch):
+    """A table is measured by one commit: new jobs into a folder another commit measured are refused before
+    anything runs; finishing the folder's own jobs (all skipped) is fine; --allow-mixed-commits appends, and
+    the tables' footer then lists every commit."""
+    import shutil
+
+    from eebench import runner
+    from eebench.store import MixedCommitsError, commits_line, measured_commits
+
+    out, cache, jobs, _ = sst2_run
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    (measured,) = measured_commits(folder)
+    assert measured_commits(folder) == {measured: len(jobs)}
+    assert commits_line(folder) == f"Measured at commit {measured[:12]} ({len(jobs)} jobs)."
+    monkeypatch.setattr(runner, "git_commit", lambda: "f00dfeed" * 5)  # the code has changed since
+    assert run_jobs(jobs, folder, cache, progress=False, log=lambda _: None)["skipped"]  # nothing new: fine
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    extra = tiny_job("pcee", "sst2", data_dir=str(GLUE))
+    with pytest.raises(MixedCommitsError, match=f"measured at {measured[:12]} \\(2 jobs\\); this checkout is "
+                                                "f00dfeedf00d.*--allow-mixed-commits.*Nothing was run"):
+        run_jobs([*jobs, extra], folder, cache, progress=False, log=lambda _: None)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    summary = run_jobs([extra], folder, cache, progress=False, log=lambda _: None, allow_mixed_commits=True)
+    assert summary["done"] == [extra.describe()]
+    assert measured_commits(folder) == {measured: len(jobs) + 1}  # its records carry the (unpatched) real commit
+    merged = tmp_path / "merged"  # a records.jsonl line from elsewhere, with another commit, counts too
+    shutil.copytree(out, merged)
+    line = json.loads((merged / "records.jsonl").read_text().splitlines()[0])
+    line.update(job_id="from-elsewhere", environment={**line["environment"], "git_commit": "abc1234"})
+    with (merged / "records.jsonl").open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    assert measured_commits(merged) == {measured: len(jobs), "abc1234": 1}
+    assert commits_line(merged).startswith("**Mixed commits**: ")

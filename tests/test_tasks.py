@@ -19,7 +19,9 @@ from eebench.tasks import (
     task_names,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA
+
+DATA = SHARED_DATA
 GLUE = DATA / "glue"
 
 

@@ -118,3 +118,17 @@ def test_timing_sample_is_seeded_and_representative_of_a_dev_set_ordered_by_sour
     assert abs(sampled - whole) < 0.1 * whole < abs(first - whole)
     with pytest.raises(ValueError, match="'random' or 'first'"):
         timing_sample(10, 5, "last")
+
+
+def test_the_timing_bar_counts_every_run_and_is_off_without_progress(capsys):
+    from eebench.timing import timing_bar
+
+    assert timing_bar(False, 3, 1, 8) is None
+    label = timing_bar(True, 2, 1, 8)
+    cuda = FakeCuda([9, 9, 1.0, 10.0, 1.0, 30.0] + [9, 9, 1.0, 10.0, 1.0, 11.0])  # retimed once
+    interleaved_times({"a": lambda: None, "b": lambda: None}, CudaClock("cuda", cuda=cuda), repeats=2, warmup=0,
+                      progress=label)
+    shown = capsys.readouterr().err
+    assert "timing 2 points, batch size 1, 8 examples" in shown and "0/4" in shown and "again: repeats spread" in shown
+    interleaved_times({"a": lambda: None}, CpuClock(), repeats=1, warmup=0)
+    assert capsys.readouterr().err == ""

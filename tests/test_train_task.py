@@ -5,7 +5,9 @@ import pytest
 from eebench.runner import Job, check_supported, checkpoint_key, load_job_data
 from eebench.suites import get_suite
 
-DATA = "../shared/data/generation"
+from conftest import SHARED_DATA
+
+DATA = str(SHARED_DATA / "generation")
 
 
 def _job(task, train_task=None):

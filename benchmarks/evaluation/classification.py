@@ -19,7 +19,15 @@ from eebench.methods import check_exit_output
 from eebench.methods.exits import MultiExitModel, center_regression_heads
 from eebench.methods.protocol import ProtocolError
 from eebench.metrics import compute_metrics, predictions_from_logits, trivial_floor
-from eebench.timing import Timed, clock_for, interleaved_times, load_average, timing_fields, timing_sample
+from eebench.timing import (
+    Timed,
+    clock_for,
+    interleaved_times,
+    load_average,
+    timing_bar,
+    timing_fields,
+    timing_sample,
+)
 from eebench.training import Encoded, batch_indices, collate, encode
 
 
@@ -128,10 +136,9 @@ def _time_points(method, dev: Encoded, sample: list[int], points, eval_config, p
             return lambda: [method.predict(batch, knob) for batch in batches]
 
         candidates = {knob_label(knob): runner(knob) for knob in points}
-        if progress:
-            tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} examples")
         load = load_average()
-        result[batch_size] = (interleaved_times(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup),
+        result[batch_size] = (interleaved_times(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup,
+                                                 progress=timing_bar(progress, len(candidates), batch_size, n)),
                               load)
     return result
 

@@ -22,7 +22,14 @@ from eebench.evaluation.classification import knob_label
 from eebench.methods.decoding import DecodeLimits, GenerationOutput
 from eebench.methods.protocol import PromptBatch, ProtocolError
 from eebench.tasks.generation import render_prompt
-from eebench.timing import clock_for, interleaved_times, load_average, timing_fields, timing_sample
+from eebench.timing import (
+    clock_for,
+    interleaved_times,
+    load_average,
+    timing_bar,
+    timing_fields,
+    timing_sample,
+)
 from eebench.training import LMEncoded
 
 MAX_PROMPT_TOKENS = 1024
@@ -144,10 +151,9 @@ def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, n
             return run
 
         candidates = {knob_label(knob): runner(knob, knob_label(knob)) for knob in points}
-        if progress:
-            tqdm.write(f"  timing {len(candidates)} points at batch size {batch_size} on {n} prompts")
         load = load_average()
-        timed = interleaved_times(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup)
+        timed = interleaved_times(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup,
+                                  progress=timing_bar(progress, len(candidates), batch_size, n))
         result[batch_size] = ({label: (timed[label], *counted[label]) for label in candidates}, load)
     return result, sample
 
