@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,38 +81,41 @@ def measured_commits(root: str | Path) -> dict[str, int]:
                 environment = record.get("environment")
                 commit = environment.get("git_commit") if isinstance(environment, dict) else None
                 by_job.setdefault(str(record.get("job_id", path.stem)), commit or "unrecorded")
-    counts: dict[str, int] = {}
-    for commit in by_job.values():
-        counts[commit] = counts.get(commit, 0) + 1
-    return counts
+    return dict(Counter(by_job.values()))
+
+
+def _listed(commits: dict[str, int]) -> str:
+    return ", ".join(f"{commit[:12]} ({_jobs(n)})" for commit, n in sorted(commits.items()))
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job{'s' * (n != 1)}"
 
 
 def commits_line(root: str | Path) -> str:
     """One line for a table's footer: the commit that measured the folder's jobs, or every commit if several."""
     commits = measured_commits(root)
-    listed = ", ".join(f"{commit[:12]} ({n} job{'s' * (n != 1)})" for commit, n in sorted(commits.items()))
     if not commits:
         return "No jobs measured yet."
     if set(commits) == {"unrecorded"}:
-        return f"Commit not recorded ({listed.removeprefix('unrecorded ')[1:-1]}, written without one)."
+        return f"Commit not recorded ({_jobs(commits['unrecorded'])}, written without one)."
     if len(commits) == 1:
-        return f"Measured at commit {listed}."
-    return f"**Mixed commits**: {listed}. Rows from different code are not one measurement."
+        return f"Measured at commit {_listed(commits)}."
+    return f"**Mixed commits**: {_listed(commits)}. Rows from different code are not one measurement."
 
 
 def check_one_commit(root: str | Path, current: str) -> None:
     """Raise MixedCommitsError when the folder holds jobs measured by a commit other than `current`."""
     commits = measured_commits(root)
-    others = {commit: n for commit, n in commits.items() if commit != current}
-    if not others:
+    other = next((commit for commit in sorted(commits) if commit != current), None)
+    if other is None:
         return
-    listed = ", ".join(f"{commit[:12]} ({n} job{'s' * (n != 1)})" for commit, n in sorted(commits.items()))
     raise MixedCommitsError(
-        f"{root} holds jobs measured at {listed}; this checkout is {current[:12]}. A results table is measured by "
-        f"one commit, so new jobs would mix code into it. Fix: pass a new --out; or finish the folder with the "
-        f"code that measured it (git worktree add /tmp/eebench-{next(iter(others))[:7]} "
-        f"{next(iter(others)).split('+')[0]}, then run from there); or pass --allow-mixed-commits to add them "
-        f"anyway (tables then list every commit). Nothing was run or changed.")
+        f"{root} holds jobs measured at {_listed(commits)}; this checkout is {current[:12]}. A results table is "
+        f"measured by one commit, so new jobs would mix code into it. Fix: pass a new --out; or finish the folder "
+        f"with the code that measured it (git worktree add /tmp/eebench-{other[:7]} {other.split('+')[0]}, then "
+        f"run from there); or pass --allow-mixed-commits to add them anyway (tables then list every commit). "
+        f"Nothing was run or changed.")
 
 
 class ResultsStore:
