@@ -161,7 +161,9 @@ def timed_saved_layer_speedups(results_dir: str | Path) -> pd.DataFrame:
             continue
         n, layers = int(timed.at[job_id, "n_timed_examples"]), int(timed.at[job_id, "num_layers"])
         head = point.sort_values("example").iloc[:n]
-        token_wise = bool((head.mean_token_layer.notna() & (head.mean_token_layer != head.exit_layer)).any())
+        # Layer-wise examples stored before the token-wise methods landed have no mean_token_layer column.
+        token_wise = "mean_token_layer" in head and bool(
+            (head.mean_token_layer.notna() & (head.mean_token_layer != head.exit_layer)).any())
         speedup = (layers * head.n_tokens.sum() / (head.mean_token_layer * head.n_tokens).sum() if token_wise
                    else layers * len(head) / head.exit_layer.sum())
         rows.append({"job_id": job_id, "knob_label": knob, "timed_saved_layer_speedup": float(speedup)})
@@ -205,3 +207,23 @@ def with_floor_metrics(records: pd.DataFrame, results_dir: str | Path) -> pd.Dat
         if len(full):
             floors[job_id] = trivial_floor(spec, full["label"].to_numpy())[0]
     return records.assign(floor_metric=current.fillna(records["job_id"].map(floors)))
+
+
+def points_with_intervals(results_dir: str | Path, ci: bool = False) -> pd.DataFrame:
+    """`leaderboard.points_table` of a results directory, completed for older records (timed saved layers,
+    floor metrics from the stored examples); with ``ci``, each point's bootstrap interval (`ci_low`, `ci_high`)
+    and paired difference from its job's full model (`diff_low`, `diff_high`) from :func:`bootstrap_intervals`."""
+    from eebench.leaderboard import points_table
+
+    records = load_records(results_dir)
+    if "timed_saved_layer_speedup" not in records or records["timed_saved_layer_speedup"].isna().any():
+        records = with_timed_saved_layer_speedups(records, results_dir)
+    table = points_table(with_floor_metrics(records, results_dir))  # records from before the runner stored it
+    if not ci:
+        return table
+    intervals = bootstrap_intervals(results_dir)[["job_id", "knob_label", "ci_low", "ci_high", "diff_low", "diff_high"]]
+    # A sweep's full-model rows are labelled "full model (alpha=...)" in the table, "full model" per job here.
+    intervals["knob_label"] = intervals["knob_label"].where(intervals["knob_label"] != "full model", None)
+    table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
+    table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
+    return table.drop(columns="_knob")

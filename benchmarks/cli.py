@@ -1,5 +1,5 @@
 """`eebench` command line: run suites of early-exit jobs, then read their stored results (leaderboard, points,
-training, difficulty, hardness, plot) or list what exists (methods, tasks, suites, glossary)."""
+training, difficulty, hardness, plot, figures, report) or list what exists (methods, tasks, suites, glossary)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("difficulty", "mean exit layer and accuracy per difficulty level (graded task)"),
                        ("hardness", "Spearman rho of memorized layer vs exit layer (ConsistentEE) + hardness figures"),
                        ("training", "every job's training stages: steps, seconds, cache hits, logged statistics"),
-                       ("plot", "write metric-vs-speed-up figures to DIR/figures/")):
+                       ("plot", "write metric-vs-speed-up figures (to DIR/figures/ unless --out)"),
+                       ("figures", "the paper-style figure set with an index.md (captions, command) in --out"),
+                       ("report", "one self-contained HTML page: leaderboards, figures, points, training, samples")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--results", required=True, help="a results directory written by `eebench run --out`")
         if name in ("points", "leaderboard"):
@@ -101,9 +103,17 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
             command.add_argument("--batch-size", type=int, default=1, help="timing batch size (wall-clock only)")
-        if name == "plot":
+        if name == "report":
+            command.add_argument("--beside", nargs="+", default=(), metavar="DIR",
+                                 help="other results directories shown beside (their jobs on the same tasks)")
+            command.add_argument("--out", required=True, metavar="FILE.html", help="where the page goes")
+        if name in ("plot", "figures"):
             command.add_argument("--beside", nargs="+", default=(), metavar="DIR",
                                  help="other results directories whose curves are drawn in the same figures")
+            command.add_argument("--out", required=name == "figures", metavar="FOLDER",
+                                 help="where the figures go" + (" (default DIR/figures)" if name == "plot" else ""))
+            command.add_argument("--format", nargs="+", choices=("png", "pdf", "svg"), default=["png", "pdf"],
+                                 dest="formats", help="file formats (default png pdf)")
     sub.add_parser("methods", help="list registered methods (built-in and plugins)")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("suites", help="list suites and what they run")
@@ -193,23 +203,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    from eebench.leaderboard import load_records, points_markdown, points_table
+    from eebench.analysis import points_with_intervals
+    from eebench.leaderboard import points_markdown
     from eebench.store import atomic_write_text, commits_line
-    records = load_records(args.results)
-    if "timed_saved_layer_speedup" not in records or records["timed_saved_layer_speedup"].isna().any():
-        from eebench.analysis import with_timed_saved_layer_speedups
-        records = with_timed_saved_layer_speedups(records, args.results)
-    from eebench.analysis import with_floor_metrics  # records from before the runner stored the floor
-    records = with_floor_metrics(records, args.results)
-    table = points_table(records)
-    if args.ci:
-        from eebench.analysis import bootstrap_intervals
-        intervals = bootstrap_intervals(args.results)[["job_id", "knob_label", "ci_low", "ci_high", "diff_low",
-                                                       "diff_high"]]
-        intervals["knob_label"] = intervals["knob_label"].where(intervals["knob_label"] != "full model", None)
-        table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
-        table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
-        table = table.drop(columns="_knob")
+    table = points_with_intervals(args.results, ci=args.ci)
     text = points_markdown(table, all_metrics=args.all_metrics) + "\n" + commits_line(args.results) + "\n"
     atomic_write_text(Path(args.results) / "points.md", text)
     print(text)
@@ -242,9 +239,24 @@ def cmd_training(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from eebench.plots.curves import write_figures
     paths = write_figures(args.results, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"),
-                          beside=args.beside)
+                          beside=args.beside, out=args.out, formats=args.formats)
     for path in paths:
         print(path)
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from eebench.plots.figures import INDEX_FILE, write_figure_set
+    entries = write_figure_set(args.results, args.out, beside=args.beside, formats=args.formats)
+    _print_table(("figure", "caption"), [(entry.stem, entry.caption) for entry in entries])
+    print(f"{len(entries)} figures and {Path(args.out) / INDEX_FILE}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from eebench.plots.report import write_report
+    path = write_report(args.results, args.out, beside=args.beside)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB; open it in a browser, it needs no network)")
     return 0
 
 
@@ -291,7 +303,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "figures": cmd_figures, "report": cmd_report, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

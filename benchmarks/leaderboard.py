@@ -161,17 +161,27 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
     }
 
 
-def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, speedup: str, tolerance: float) -> tuple[float, float]:
+def held_out_pick_row(full: pd.DataFrame, pts: pd.DataFrame, tolerance: float = 0.01) -> pd.Series | None:
     """The operating point chosen WITHOUT looking at dev: the largest held-out saved-layer speed-up whose
-    held-out metric is within `tolerance` of the full model's held-out metric (the full model when none is).
-    Returns its dev (speed-up, metric); NaN when the job stored no selection set."""
+    held-out metric is within `tolerance` of the full model's held-out metric (the full model's first row when
+    none is). None when the job stored no selection set."""
     if "selection_metric" not in pts or full.empty or pts["selection_metric"].isna().all():
-        return math.nan, math.nan
+        return None
     full_selection = float(full["selection_metric"].mean())
     eligible = pts[pts["selection_metric"] >= full_selection - tolerance - _EPS]
     if eligible.empty:
+        return full.iloc[0]
+    return eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
+
+
+def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, speedup: str, tolerance: float) -> tuple[float, float]:
+    """Dev (speed-up, metric) of :func:`held_out_pick_row`; NaN when the job stored no selection set. The full
+    model counts as 1x with the seed-averaged full metric."""
+    best = held_out_pick_row(full, pts, tolerance)
+    if best is None:
+        return math.nan, math.nan
+    if bool(best["is_full_model"]):
         return 1.0, float(full["metric"].mean())
-    best = eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
     return float(best[speedup]), float(best["metric"])
 
 

@@ -75,6 +75,11 @@ def _entries() -> dict[str, MethodEntry]:
     return entries
 
 
+def method_entries() -> dict[str, MethodEntry]:
+    """Every registered method by name, built-ins first, then plugins in entry-point order (nothing imported)."""
+    return _entries()
+
+
 def method_names() -> list[str]:
     return sorted(_entries())
 

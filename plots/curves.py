@@ -1,18 +1,23 @@
-"""Accuracy / speed-up trade-off curves: records -> matplotlib figures.
+"""Quality / speed-up trade-off figures: records -> matplotlib figures.
 
-Pure functions: figures are built as ``matplotlib.figure.Figure`` objects, never through pyplot, so there
-is no global figure registry to leak into and no GUI backend is ever touched. Metrics are plotted x100;
-speed-ups are ratios (full-model cost / point cost).
+What a reader sees, per curve (a method, or a method's variant such as CALM's classifier): the Pareto
+frontier as a step line (best quality reachable at a speed-up of at least s: flat until the next measured
+point, then a drop, so no line suggests a point that was not measured), every measured point as a marker
+(dominated ones faded), the method's own full model as a hollow marker at 1x, vertical bars for the spread
+(±1 std over seeds, or the 95 % bootstrap interval over dev examples when there is one seed), and a dotted
+1x line. A point far below the rest (HashEE's F1 22 among 80-85) is drawn on the lower edge as a triangle
+with its value written beside it, instead of stretching the axis for everyone.
+
+Pure functions: figures are ``matplotlib.figure.Figure`` objects, never pyplot, so no global registry of
+figures fills up and no GUI backend is touched. Metrics are drawn x100; speed-ups are ratios.
 """
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Sequence
-from itertools import cycle
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -20,120 +25,199 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from eebench.leaderboard import SPEEDUPS, load_records, operating_points
-from eebench.store import atomic_write_bytes
+from eebench.plots.style import (
+    METRIC_NAMES,
+    SPEEDUP_NAMES,
+    CurveStyle,
+    curve_style,
+    display_backbone,
+    display_task,
+    safe_name,
+    save_figure,
+)
 
 FIGURES_DIR = "figures"
-_SPEEDUP_NAMES = {
-    "saved_layer_speedup": "saved-layer speed-up",
-    "flops_speedup": "FLOPs speed-up",
-    "wallclock_speedup": "wall-clock speed-up",
-}
-_PERCENT_METRICS = {"accuracy", "f1", "precision", "recall"}
-_METRIC_NAMES = {"f1": "F1", "mcc": "MCC", "spearman": "Spearman", "pearson": "Pearson"}
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
-FULL_MODEL_LABEL = "full model\n(median over methods)"
+_PERCENT_METRICS = {"accuracy", "f1", "precision", "recall", "rougeL", "bertscore_f1"}
+# A point is clipped when it lies further below the first quartile of all drawn values than this many
+# inter-quartile ranges (and at least _MIN_CLIP_SPAN metric points): far enough that it is a different regime.
+_CLIP_IQRS = 3.0
+_MIN_CLIP_SPAN = 8.0
 
 
-def _styles(methods: Sequence[str]) -> tuple[dict[str, tuple], dict[str, str]]:
-    """Colour and marker per method, fixed by sorted name so a method looks the same in every figure."""
-    names = sorted(set(methods))
-    colours = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
-    markers = dict(zip(names, cycle(_MARKERS)))
-    return colours, markers
+def curve_points(
+    records: pd.DataFrame, task: str, speedup: str = "saved_layer_speedup", batch_size: int = 1,
+    metric: str | None = None, intervals: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per (curve, operating point) of ``task``: what :func:`tradeoff_figure` draws.
 
-
-def tradeoff_figure(
-    records: pd.DataFrame, task: str, speedup: str = "saved_layer_speedup", batch_size: int = 1
-) -> Figure:
-    """Dev metric (x100) vs ``speedup`` for every method on ``task``, at one batch size.
-
-    Each point is one knob setting averaged over seeds (x and y), with a ±1 std band in y when there
-    are several seeds; the grey dashed line is the median over methods of their seed-averaged full-model
-    metric (a median because some methods' "full model" is a network trained for something else: HashEE's
-    hashed-exit network forced to full depth scores F1 5-47 on MRPC, where every layer-wise one is near
-    84). When a task holds several backbones, each (method, backbone) is its own curve. Falls back to the smallest batch
-    size present like :func:`eebench.leaderboard.operating_points`.
+    Columns: curve, style_key (the curve without its backbone), knob_label, x (``speedup``, seed mean), y (metric x100, seed mean), low / high (the bar:
+    mean ± std over seeds, or the bootstrap interval x100 from ``intervals`` (rows per job_id, knob_label,
+    ci_low, ci_high) when one seed, else NaN), n_seeds, is_full_model, on_frontier, batch_size, backbone.
+    ``metric``: another entry of the records' ``metrics`` (e.g. "bertscore_f1"); None = the primary metric.
+    Points that save no layer are the full network again (one per alpha for a training-time sweep): they
+    are pooled into one "no early exit" point so a curve does not zig-zag at 1x. Judged by saved layers,
+    not the exit layer: a token-wise example's exit layer is L even when most of its tokens stop early.
     """
     if speedup not in SPEEDUPS:
         raise ValueError(f"unknown speed-up {speedup!r}; choose one of {', '.join(SPEEDUPS)}")
-    # Select the task first: the batch-size fallback is per task.
-    points = operating_points(records[records["task"] == task], batch_size).copy()
+    points = operating_points(records[records["task"] == task], batch_size).copy()  # fallback is per task
     if points.empty:
         present = ", ".join(sorted(records["task"].unique())) if len(records) else "none"
         raise ValueError(f"no records for task {task!r} (tasks present: {present})")
-    backbones = sorted(points["backbone"].unique())
-    points["curve"] = points["method"]
-    if len(backbones) > 1:  # never draw one line through points measured on different backbones
-        points["curve"] = points["method"] + " (" + points["backbone"] + ")"
-    points["metric"] = 100 * points["metric"]
-
-    # Points that save no layer are the full network again (one per alpha for a training-time sweep):
-    # drawn as one point per curve, their mean, instead of a vertical zig-zag at 1x. Judged by the saved
-    # layers, not the exit layer: a token-wise example's exit layer is L (its [CLS] runs to the top) even
-    # when most of its tokens stop early.
-    points.loc[points["saved_layer_speedup"] <= 1.0 + 1e-9, "knob_label"] = "no early exit"
-    # Average each knob setting over seeds first: x is averaged too, so a setting stays one point.
-    curve = (
-        points[~points["is_full_model"]]
-        .groupby(["curve", "knob_label"], sort=False)
-        .agg(x=(speedup, "mean"), y=("metric", "mean"), sd=("metric", "std"))
+    points["style_key"] = points["curve"].fillna(points["method"]) if "curve" in points else points["method"]
+    points["curve"] = points["style_key"]
+    if points["backbone"].nunique() > 1:  # never one frontier through points measured on different backbones
+        points["curve"] = points["style_key"] + " (" + points["backbone"] + ")"
+    if metric is None:
+        points["y"] = 100 * points["metric"]
+    else:
+        values = points["metrics"].map(lambda m: m.get(metric) if isinstance(m, dict) else None)
+        if values.astype(float).isna().all():
+            raise ValueError(f"no record of task {task!r} has the metric {metric!r}")
+        points["y"] = 100 * values.astype(float)
+    points["low"] = points["high"] = np.nan
+    if intervals is not None and metric is None and len(intervals):
+        bars = intervals.set_index(["job_id", "knob_label"])[["ci_low", "ci_high"]] * 100
+        keys = pd.MultiIndex.from_frame(points[["job_id", "knob_label"]])
+        points["low"] = bars["ci_low"].reindex(keys).to_numpy()
+        points["high"] = bars["ci_high"].reindex(keys).to_numpy()
+    no_exit = ~points["is_full_model"] & (points["saved_layer_speedup"] <= 1.0 + 1e-9)
+    points.loc[no_exit, "knob_label"] = "no early exit"
+    table = (
+        points.groupby(["curve", "knob_label", "is_full_model"], sort=False)
+        .agg(x=(speedup, "mean"), y=("y", "mean"), sd=("y", "std"), n_seeds=("seed", "nunique"),
+             low=("low", "mean"), high=("high", "mean"), backbone=("backbone", "first"),
+             style_key=("style_key", "first"))
         .reset_index()
-        .sort_values(["curve", "x"])  # so lines run left to right instead of zig-zagging
-    )
-    # The collapsed point pools different trainings (alphas, bucket counts): its spread is not a seed std.
-    curve.loc[curve["knob_label"] == "no early exit", "sd"] = float("nan")
-    full = points[points["is_full_model"]].groupby("curve")["metric"].mean()
-    colours, markers = _styles(points["curve"])
-    order = sorted(colours)
+    )  # fmt: skip
+    # Several seeds: the bar is their spread. One seed: the bootstrap interval, except for the pooled
+    # no-early-exit point, whose rows are different trainings (alphas) rather than one point's resamples.
+    several = table["n_seeds"] > 1
+    table.loc[several, "low"] = table["y"] - table["sd"]
+    table.loc[several, "high"] = table["y"] + table["sd"]
+    table.loc[table["knob_label"].eq("no early exit") & ~several, ["low", "high"]] = np.nan
+    table["on_frontier"] = False
+    for _, group in table.groupby("curve"):
+        best_faster = -np.inf  # Pareto: no other point of the curve is at least as fast and strictly better
+        for index in group.sort_values(["x", "y"], ascending=[False, False]).index:
+            if table.at[index, "y"] > best_faster:
+                table.at[index, "on_frontier"] = True
+                best_faster = table.at[index, "y"]
+    table["batch_size"] = int(points["batch_size"].iloc[0])
+    table.attrs["devices"] = sorted(points["device"].unique())
+    table.attrs["metric_names"] = sorted(points["metric_name"].unique()) if metric is None else [metric]
+    return table.drop(columns="sd").sort_values(["curve", "x"], kind="stable").reset_index(drop=True)
 
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):
-        fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+
+def _clip_limit(values: np.ndarray) -> float:
+    """The lowest y drawn in place; a point below it is drawn on the lower edge instead.
+
+    A point is clipped only when it is both far out (more than _CLIP_IQRS inter-quartile ranges, and at least
+    _MIN_CLIP_SPAN points, below the first quartile) and isolated (its gap to the next value up exceeds half
+    the span of everything above): a curve that degrades step by step down to 55 is drawn in full.
+    """
+    ys = np.sort(values[~np.isnan(values)])
+    q1, q3 = np.quantile(ys, [0.25, 0.75])
+    far = q1 - max(_CLIP_IQRS * (q3 - q1), _MIN_CLIP_SPAN)
+    cut = 0
+    while cut < len(ys) - 1 and ys[cut] < far and ys[cut + 1] - ys[cut] > 0.5 * (ys[-1] - ys[cut + 1]):
+        cut += 1
+    return float(ys[cut]) if len(ys) else -np.inf
+
+
+def tradeoff_figure(
+    records: pd.DataFrame, task: str, speedup: str = "saved_layer_speedup", batch_size: int = 1,
+    metric: str | None = None, intervals: pd.DataFrame | None = None, plugins: Sequence[str] | None = None,
+) -> Figure:
+    """Metric on dev (x100) vs ``speedup`` for every curve on ``task`` (see the module docstring).
+
+    ``batch_size`` matters for wall-clock only (falls back per task to the smallest size present, like
+    :func:`eebench.leaderboard.operating_points`); ``metric`` and ``intervals`` as in :func:`curve_points`;
+    ``plugins``: the registry's plugin names for :func:`eebench.plots.style.curve_style` (None: ask the
+    registry). Artists carry gids ``frontier:<curve>``, ``points:<curve>``, ``full:<curve>``.
+    """
+    table = curve_points(records, task, speedup, batch_size, metric, intervals)
+    plugins = None if plugins is None else list(plugins)
+    styles = {}
+    for name, key, backbone in table[["curve", "style_key", "backbone"]].drop_duplicates("curve").itertuples(index=False):
+        style = curve_style(key, plugins)
+        suffix = f" ({display_backbone(backbone)})" if name != key else ""
+        styles[name] = CurveStyle(style.colour, style.marker, style.label + suffix)
+    order = sorted(styles, key=lambda name: (styles[name].label, name))
+    limit = _clip_limit(table["y"].to_numpy())
+    clipped = table[table["y"] < limit]
+
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.15):
+        fig = Figure(figsize=(6.4, 4.6), layout="constrained")
         ax = fig.add_subplot()
         ax.xaxis.get_major_ticks()  # create the tick prototypes now, while the style is active
         ax.yaxis.get_major_ticks()
-        if len(curve):
-            sns.lineplot(
-                data=curve, x="x", y="y", hue="curve", style="curve", hue_order=order, style_order=order,
-                palette=colours, markers=markers, dashes=False, errorbar=None, sort=False, legend=False,
-                markersize=7, linewidth=1.8, ax=ax,
-            )  # fmt: skip
-        for name, line in curve.groupby("curve"):
-            if line["sd"].notna().any():
-                sd = line["sd"].fillna(0.0)
-                ax.fill_between(line["x"], line["y"] - sd, line["y"] + sd, color=colours[name], alpha=0.15,
-                                linewidth=0)  # fmt: skip
-        handles = [
-            Line2D([], [], color=colours[n], marker=markers[n], linewidth=1.8, markersize=7, label=n)
-            for n in order
-        ]
-        if len(full):
-            ax.axhline(full.median(), color="0.45", linestyle="--", linewidth=1.2, zorder=1)
-            handles.append(
-                Line2D([], [], color="0.45", linestyle="--", linewidth=1.2, label=FULL_MODEL_LABEL)
-            )
-        # Outside the axes, on the right: the curves fill the plot area, a legend inside would hide them.
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method")
+        ax.axvline(1.0, color="0.55", linestyle=":", linewidth=1.0, zorder=1)
+        for name in order:
+            style, rows = styles[name], table[table["curve"] == name]
+            shown = rows[rows["y"] >= limit]
+            front = shown[shown["on_frontier"]].sort_values("x")
+            ax.plot(front["x"], front["y"], drawstyle="steps-pre", color=style.colour, linewidth=1.6, zorder=2,
+                    gid=f"frontier:{name}")  # fmt: skip
+            early = shown[~shown["is_full_model"]]
+            for faded, part in ((False, early[early["on_frontier"]]), (True, early[~early["on_frontier"]])):
+                ax.plot(part["x"], part["y"], linestyle="none", marker=style.marker, color=style.colour,
+                        markersize=7, alpha=0.4 if faded else 1.0, zorder=3,
+                        gid=f"{'dominated' if faded else 'points'}:{name}")  # fmt: skip
+            full = shown[shown["is_full_model"]]
+            ax.plot(full["x"], full["y"], linestyle="none", marker=style.marker, markersize=9,
+                    markerfacecolor="white", markeredgecolor=style.colour, markeredgewidth=1.6, zorder=4,
+                    gid=f"full:{name}")  # fmt: skip
+            # Bars on the frontier and full models only: a bar on every dominated point buries the picture.
+            bars = shown[shown["on_frontier"] | shown["is_full_model"]].dropna(subset=["low", "high"])
+            if len(bars):
+                ax.errorbar(bars["x"], bars["y"], yerr=[bars["y"] - bars["low"], bars["high"] - bars["y"]],
+                            fmt="none", ecolor=style.colour, elinewidth=0.9, capsize=2, alpha=0.7, zorder=2)  # fmt: skip
+        if len(clipped):
+            _draw_clipped(ax, clipped, styles, limit, table)
 
-        used_bs = int(points["batch_size"].iloc[0])
-        where = f"; {'/'.join(sorted(points['device'].unique()))}" if speedup == "wallclock_speedup" else ""
-        ax.set_xlabel(f"{_SPEEDUP_NAMES[speedup]}\n({SPEEDUPS[speedup]}; batch size {used_bs}{where})")
-        metric = "/".join(_METRIC_NAMES.get(m, m) for m in sorted(points["metric_name"].unique()))
-        unit = "%" if set(points["metric_name"]) <= _PERCENT_METRICS else "×100"
-        ax.set_ylabel(f"{metric} on dev ({unit})")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.set_title(f"{task} — {', '.join(backbones)}")
+        handles = [Line2D([], [], color=styles[n].colour, marker=styles[n].marker, linewidth=1.6, markersize=7,
+                          label=styles[n].label) for n in order]  # fmt: skip
+        handles += [
+            Line2D([], [], color="0.3", marker="o", linestyle="none", markerfacecolor="white", markersize=7,
+                   label="own full model"),
+            Line2D([], [], color="0.3", marker="o", linestyle="none", alpha=0.4, markersize=7, label="dominated"),
+        ]  # fmt: skip
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False,
+                   fontsize="small", handlelength=1.6, columnspacing=1.2)  # fmt: skip
+        _label_axes(ax, table, speedup, task)
     return fig
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+def _draw_clipped(ax, clipped: pd.DataFrame, styles: dict, limit: float, table: pd.DataFrame) -> None:
+    """Far-off points: a triangle on the lower edge, with their value and speed-up written beside it."""
+    shown_low = table.loc[table["y"] >= limit, ["y", "low"]].min().min()
+    edge = min(limit, shown_low) - 1.0
+    ax.set_ylim(bottom=edge - 0.5)
+    for _, row in clipped.iterrows():
+        style = styles[row["curve"]]
+        ax.plot([row["x"]], [edge], marker="v", color=style.colour, markersize=8, linestyle="none", zorder=4,
+                clip_on=False, gid=f"clipped:{row['curve']}")  # fmt: skip
+        ax.annotate(f"{style.label}: {row['y']:.1f}", (row["x"], edge), xytext=(5, 4), textcoords="offset points",
+                    fontsize="x-small", color=style.colour)  # fmt: skip
 
 
-def _atomic_savefig(fig: Figure, path: Path, fmt: str) -> None:
-    """Render in memory, then write atomically, so readers never see a half-written figure."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=200)
-    atomic_write_bytes(path, buffer.getvalue())
+def _label_axes(ax, table: pd.DataFrame, speedup: str, task: str) -> None:
+    where = ""
+    if speedup == "wallclock_speedup":  # only wall-clock depends on batch size and device
+        where = f", batch size {table['batch_size'].iloc[0]}, {'/'.join(table.attrs['devices'])}"
+    ax.set_xlabel(f"{SPEEDUP_NAMES[speedup]} ({SPEEDUPS[speedup]}{where})")
+    names = table.attrs["metric_names"]
+    unit = "%" if set(names) <= _PERCENT_METRICS else "×100"
+    ax.set_ylabel(f"{'/'.join(METRIC_NAMES.get(m, m) for m in names)} on dev ({unit})")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    seeds = sorted(table["n_seeds"].unique())
+    spread = ("bars: ±1 std over seeds" if max(seeds) > 1 else
+              "bars: 95% bootstrap interval over dev examples" if table["low"].notna().any() else "no interval stored")
+    n = "/".join(map(str, seeds))
+    backbones = ", ".join(display_backbone(b) for b in sorted(table["backbone"].unique()))
+    ax.set_title(f"{display_task(task)} · {backbones}\n{n} seed{'s' if seeds != [1] else ''}; {spread}",
+                 fontsize="medium")
 
 
 def records_beside(results_dir: str | Path, beside: Sequence[str | Path] = ()) -> pd.DataFrame:
@@ -148,13 +232,25 @@ def records_beside(results_dir: str | Path, beside: Sequence[str | Path] = ()) -
     return pd.concat([records, *others], ignore_index=True).drop_duplicates(key)
 
 
+def intervals_beside(results_dir: str | Path, beside: Sequence[str | Path] = ()) -> pd.DataFrame | None:
+    """Bootstrap intervals (see :func:`eebench.analysis.bootstrap_intervals`) of every directory that stores
+    per-example results; None when none does."""
+    from eebench.analysis import bootstrap_intervals
+
+    tables = [bootstrap_intervals(folder) for folder in [results_dir, *beside]
+              if any((Path(folder) / "examples").glob("*.parquet"))]  # fmt: skip
+    return pd.concat(tables, ignore_index=True).drop_duplicates(["job_id", "knob_label"]) if tables else None
+
+
 def write_figures(
     results_dir: str | Path,
     speedups: Sequence[str] = ("saved_layer_speedup",),
     formats: Sequence[str] = ("png", "pdf"),
     beside: Sequence[str | Path] = (),
+    out: str | Path | None = None,
 ) -> list[Path]:
-    """Write one figure per task and speed-up kind to ``results_dir/figures/<task>_<speedup>.<fmt>``.
+    """Write one figure per task and speed-up kind to ``out/<task>_<speedup>.<fmt>`` (default
+    ``results_dir/figures``).
 
     Wall-clock speed-up depends on the batch size, so it gets one figure per batch size present
     (``<task>_wallclock_speedup_bs<B>.<fmt>``). ``beside``: other results directories whose curves are
@@ -165,8 +261,9 @@ def write_figures(
     unknown = [s for s in speedups if s not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up(s) {unknown}; choose from {', '.join(SPEEDUPS)}")
-    out = Path(results_dir) / FIGURES_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    intervals = intervals_beside(results_dir, beside)
+    folder = Path(results_dir) / FIGURES_DIR if out is None else Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for task in sorted(records["task"].unique()):
         sizes = sorted(records.loc[records["task"] == task, "batch_size"].unique())
@@ -175,9 +272,9 @@ def write_figures(
                 [(int(b), f"_bs{int(b)}") for b in sizes] if speedup == "wallclock_speedup" else [(1, "")]
             )
             for batch_size, suffix in variants:
-                fig = tradeoff_figure(records, task, speedup, batch_size)
+                fig = tradeoff_figure(records, task, speedup, batch_size, intervals=intervals)
                 for fmt in formats:
-                    path = out / f"{_safe(task)}_{speedup}{suffix}.{fmt}"
-                    _atomic_savefig(fig, path, fmt)
+                    path = folder / f"{safe_name(task)}_{speedup}{suffix}.{fmt}"
+                    save_figure(fig, path, fmt)
                     written.append(path)
     return written

@@ -228,8 +228,12 @@ def test_hardness_analysis_of_a_real_run(tmp_path):
         assert math.isnan(row.spearman_rho)
     assert row.mean_exit_layer == pytest.approx(point.exit_layer.mean())
     paths = write_hardness_figures(out, formats=("png",))
-    assert {p.name for p in paths} == {"graded_hardness.png", "graded_difficulty.png"}
+    heat_map = {"graded_memorized_exit.png"} if table[table.knob_label != "full model"].spearman_rho.notna().any() else set()
+    assert {p.name for p in paths} == {"graded_hardness.png", "graded_difficulty.png", *heat_map}
     assert all(p.stat().st_size > 1000 for p in paths)
+    from eebench.plots.figures import write_figure_set
+    stems = [entry.stem for entry in write_figure_set(out, tmp_path / "set", formats=("png",))]
+    assert {"graded_saved_layer_speedup", "graded_exit_layers", "graded_hardness", "graded_difficulty"} <= set(stems)
     assert main(["hardness", "--results", str(out)]) == 0
     from eebench.analysis import training_table
     stages = training_table(out)

@@ -121,6 +121,34 @@ def test_leaderboard_points_and_figures_read_generation_results(store):
     assert any(p.name == "dolly_saved_layer_speedup.png" for p in paths)
 
 
+def test_figure_set_of_a_generation_run(store, tmp_path):
+    from eebench.cli import main
+    from eebench.leaderboard import load_records
+    from eebench.plots.figures import INDEX_FILE
+
+    out, _, _ = store
+    assert main(["figures", "--results", str(out), "--out", str(tmp_path / "set"), "--format", "png", "svg"]) == 0
+    index = (tmp_path / "set" / INDEX_FILE).read_text()
+    stems = [line.split("`")[1] for line in index.splitlines() if line.startswith("| `")]
+    records = load_records(out)
+    sizes = sorted({int(b) for b in records.batch_size})
+    assert stems[:2 + len(sizes)] == ["dolly_saved_layer_speedup", "dolly_flops_speedup",
+                                      *[f"dolly_wallclock_speedup_bs{b}" for b in sizes]]
+    scored = records.metrics.map(lambda m: m.get("bertscore_f1") == m.get("bertscore_f1")).any()  # not NaN  # no scorer on the tiny run
+    assert ("dolly_bertscore_saved_layer_speedup" in stems) == scored
+    assert "dolly_exit_layers" in stems
+    assert {"dolly_token_exits_calm_saturation", "dolly_token_exits_calm_softmax"} <= set(stems)
+    for stem in stems:
+        assert (tmp_path / "set" / f"{stem}.png").stat().st_size > 1000 and (tmp_path / "set" / f"{stem}.svg").exists()
+        assert f"[png]({stem}.png)" in index
+    assert f"eebench figures --results {out} --out {tmp_path / 'set'} --format png svg" in index
+    assert "Measured at commit" in index or "Commit not recorded" in index
+    again = tmp_path / "again"
+    assert main(["figures", "--results", str(out), "--out", str(again), "--format", "svg"]) == 0
+    for stem in stems:  # regenerating gives the same bytes
+        assert (again / f"{stem}.svg").read_bytes() == (tmp_path / "set" / f"{stem}.svg").read_bytes()
+
+
 def test_bootstrap_intervals_cover_generation_points(store):
     from eebench.analysis import bootstrap_draws, bootstrap_intervals
     from eebench.leaderboard import leaderboard_intervals, load_records

@@ -284,7 +284,9 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
             "n_generated": [len(t) for t in out["tokens"]],
             "exit_layer": [float(np.mean(layers)) for layers in out["token_layers"]],
             "mean_token_layer": [float(np.mean(layers)) for layers in out["token_layers"]],
-            "token_layers": out["token_layers"], "text": out["text"], **point_scores}))
+            "token_layers": out["token_layers"], "text": out["text"],
+            # Each generated token as text, so a report can shade it by its exit layer without a tokenizer.
+            "token_texts": [[tokenizer.decode([token]) for token in row] for row in out["tokens"]], **point_scores}))
     if len(calibration_rows):
         example_rows.append(calibration_rows.assign(job_id=job.job_id))
     return records, pd.concat(example_rows, ignore_index=True)
