@@ -140,7 +140,9 @@ def provenance(folders: Sequence[str | Path]) -> list[dict]:
     for folder in folders:
         records = load_records(folder)
         environment = records.environment.dropna().iloc[0] if "environment" in records else {}
-        rows.append({"folder": str(folder), "commits": commits_line(folder), "jobs": records.job_id.nunique(),
+        line = commits_line(folder)  # markdown: the page shows mixed commits as a warning instead of **bold**
+        rows.append({"folder": str(folder), "commits": line.replace("**", ""), "mixed": "**" in line,
+                     "jobs": records.job_id.nunique(),
                      "seeds": ", ".join(map(str, sorted(records.seed.unique()))),
                      "tasks": ", ".join(display_task(t) for t in sorted(records.task.unique())),
                      "methods": ", ".join(sorted({curve_style(m).label for m in records.method.unique()})),

@@ -35,7 +35,8 @@ def measured(fig) -> dict[str, tuple[list[float], list[float]]]:
         for name, (xs, ys) in drawn(fig, kind).items():
             old = out.get(name, ([], []))
             out[name] = (old[0] + xs, old[1] + ys)
-    return {name: tuple(map(list, zip(*sorted(zip(*xy))))) if xy[0] else ([], []) for name, xy in out.items()}
+    ordered = {name: sorted(zip(xs, ys, strict=True)) for name, (xs, ys) in out.items()}
+    return {name: ([x for x, _ in pairs], [y for _, y in pairs]) for name, pairs in ordered.items()}
 
 
 def legend_texts(fig) -> list[str]:
