@@ -132,16 +132,23 @@ def _device(name: str) -> str:
 
 @contextlib.contextmanager
 def _library_bars(shown: bool):
-    """transformers' own bars (loading weights, de-quantising GGUF) follow --quiet too, for this call only."""
+    """transformers' own bars (loading weights, de-quantising GGUF) follow --quiet too, for this call only.
+    The GGUF converter calls tqdm without consulting transformers' switch, so its module-level `tqdm` is
+    swapped for a disabled one while the run lasts, and put back after."""
     if shown:
         yield
         return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, gguf_bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
+        gguf_utils.tqdm = gguf_bar
         if was_enabled:
             hf_logging.enable_progress_bar()
 

@@ -174,3 +174,18 @@ def test_methods_and_tasks_listings(capsys):
     assert "stackoverflow" in capsys.readouterr().out
     assert main(["glossary"]) == 0
     assert "saved_layer_speedup" in capsys.readouterr().out
+
+
+def test_quiet_silences_transformers_bars_including_the_gguf_converter():
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from eebench.cli import _library_bars
+
+    original = gguf_utils.tqdm
+    with _library_bars(shown=False):
+        assert not hf_logging.is_progress_bar_enabled()
+        assert gguf_utils.tqdm(range(3)).disable  # the converter's bar, as the converter builds it
+    assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled()
+    with _library_bars(shown=True):
+        assert gguf_utils.tqdm is original
