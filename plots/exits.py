@@ -75,7 +75,7 @@ def exit_distribution_figure(records: pd.DataFrame, examples: pd.DataFrame, task
     columns = min(3, len(picks))
     rows = math.ceil(len(picks) / columns)
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig = Figure(figsize=(3.2 * columns, 2.6 * rows + 0.6), layout="constrained")
+        fig = Figure(figsize=(max(4.8, 3.4 * columns), 2.6 * rows + 0.6), layout="constrained")  # titles fit
         axes = fig.subplots(rows, columns, squeeze=False, sharey=True)
         for ax, pick in zip(axes.flat, picks.itertuples(index=False), strict=False):
             layers, what = _exit_layers(examples, pick.job_id, pick.knob_label)
