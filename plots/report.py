@@ -23,8 +23,6 @@ from eebench.plots.style import METRIC_NAMES, SPEEDUP_NAMES, curve_style, displa
 from eebench.store import atomic_write_text, commits_line
 
 TEMPLATE = "report.html.j2"
-# How many dev prompts of each generation task the page shows side by side.
-N_PROMPTS = 3
 
 
 @dataclass
