@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,60 @@ def points_with_intervals(results_dir: str | Path, ci: bool = False) -> pd.DataF
     table = table.assign(_knob=table["knob_label"].where(~table["knob_label"].str.startswith("full model"), None))
     table = table.merge(intervals.rename(columns={"knob_label": "_knob"}), on=["job_id", "_knob"], how="left")
     return table.drop(columns="_knob")
+
+
+def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, against: Sequence[str],
+                   speedup: str = "saved_layer_speedup", n_resamples: int = 1000, confidence: float = 0.95,
+                   seed: int = 0) -> pd.DataFrame:
+    """Is `method` better than the methods `against` at the same speed? A name matches itself and its variants
+    (`calm` matches `calm[softmax]`, `calm[oracle]`, ...; name the variants to leave the oracle out). For every
+    operating point p of `method` on `task` (full-model rows left out), the comparator q = the point of `against` with the highest metric among those
+    at least as fast (`speedup` of q >= that of p), and the paired percentile-bootstrap interval of
+    metric(p) - metric(q) over the dev examples both scored (the same resampled indices for both, as in
+    :func:`bootstrap_draws`). The results folders may come from different commits (each row names its job).
+
+    q is picked on the same examples it is compared on, which favours `against`: an interval above 0 is
+    conservative for `method`, one below 0 is not. Columns: point, speedup, metric, comparator, comparator_speedup,
+    comparator_metric, difference, diff_low, diff_high (metric scale 0..1), verdict."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    folders = [Path(folder) for folder in results_dirs]
+    points = pd.concat([points_with_intervals(folder) for folder in folders], ignore_index=True)
+    examples = _dev_rows(pd.concat([load_examples(folder) for folder in folders], ignore_index=True))
+    if speedup not in points:
+        raise ValueError(f"unknown speed-up column {speedup!r}; choose from saved_layer_speedup, flops_speedup, "
+                         "wallclock_bs1, wallclock_bs8 (the batch sizes the jobs timed)")
+    points = points[(points.task == task) & ~points.knob_label.str.startswith("full model")]
+
+    def named(names: Sequence[str]) -> pd.Series:
+        return points.method.isin(names) | points.method.str.startswith(tuple(f"{name}[" for name in names))
+
+    for names in ([method], against):
+        if not named(names).any():
+            present = sorted(points.method.unique()) or ["none"]
+            raise ValueError(f"no operating point of {' or '.join(names)} on task {task!r} in {', '.join(map(str, folders))} "
+                             f"(methods there: {', '.join(present)})")
+    examples = examples[examples.task == task]
+    draws = _draws(examples, n_resamples, seed)
+    ids = {job: frozenset(group.example) for job, group in examples.groupby("job_id")}
+    quantiles = [(1 - confidence) / 2, (1 + confidence) / 2]
+    rivals = points[named(against)]
+    rows = []
+    for point in points[named([method])].itertuples(index=False):
+        row = {"method": point.method, "point": point.knob_label, "job_id": point.job_id, "speedup": getattr(point, speedup),
+               "metric": point.metric}
+        faster = rivals[rivals[speedup] >= row["speedup"]]
+        if faster.empty:
+            rows.append({**row, "verdict": "no comparator at least as fast"})
+            continue
+        rival = faster.loc[faster.metric.idxmax()]
+        if ids[point.job_id] != ids[rival.job_id]:
+            raise ValueError(f"jobs {point.job_id} and {rival.job_id} scored different {task} examples: a paired "
+                             "comparison needs the same eval subset (same --eval-limit and data)")
+        difference = draws[(point.job_id, point.knob_label)] - draws[(rival.job_id, rival.knob_label)]
+        low, high = np.quantile(difference, quantiles)
+        verdict = "better, resolved" if low > 0 else "worse, resolved" if high < 0 else "not resolved"
+        rows.append({**row, "comparator": f"{rival.method} {rival.knob_label}", "comparator_job_id": rival.job_id, "comparator_speedup": rival[speedup],
+                     "comparator_metric": rival.metric, "difference": point.metric - rival.metric, "diff_low": float(low),
+                     "diff_high": float(high), "verdict": verdict})
+    return pd.DataFrame(rows).sort_values("speedup", ignore_index=True)

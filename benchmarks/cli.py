@@ -1,4 +1,4 @@
-"""`eebench` command line: run suites of early-exit jobs, then read their stored results (leaderboard, points,
+"""`eebench` command line: run suites of early-exit jobs, then read their stored results (leaderboard, points, compare,
 training, difficulty, hardness, plot, figures, report) or list what exists (methods, tasks, suites, glossary)."""
 
 from __future__ import annotations
@@ -114,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
                                  help="where the figures go" + (" (default DIR/figures)" if name == "plot" else ""))
             command.add_argument("--format", nargs="+", choices=("png", "pdf", "svg"), default=["png", "pdf"],
                                  dest="formats", help="file formats (default png pdf)")
+    compare = sub.add_parser("compare", help="paired bootstrap: each point of a method against the best rival point "
+                                             "at least as fast (results folders of any commits)")
+    compare.add_argument("--results", nargs="+", required=True, metavar="DIR",
+                         help="results directories holding the method's and the rivals' jobs")
+    compare.add_argument("--task", required=True)
+    compare.add_argument("--method", required=True, help="the method whose points are judged")
+    compare.add_argument("--against", nargs="+", required=True, metavar="METHOD",
+                         help="rival methods; a name also matches its variants (calm: calm[softmax], calm[oracle], ...)")
+    compare.add_argument("--speedup", default="saved_layer_speedup",
+                         choices=("saved_layer_speedup", "flops_speedup", "wallclock_bs1", "wallclock_bs8"))
     sub.add_parser("methods", help="list registered methods (built-in and plugins)")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("suites", help="list suites and what they run")
@@ -220,6 +230,16 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eebench.analysis import compare_points
+    from eebench.leaderboard import comparison_markdown
+    table = compare_points(args.results, args.task, args.method, args.against, speedup=args.speedup)
+    print(comparison_markdown(table, args.speedup))
+    print(f"\n95% percentile bootstrap over the {args.task} dev prompts both scored (1000 resamples, seed 0); the rival "
+          "is the best point at least as fast, picked on these same prompts (which favours the rivals).")
+    return 0
+
+
 def cmd_difficulty(args: argparse.Namespace) -> int:
     from eebench.analysis import difficulty_table
     table = difficulty_table(args.results)
@@ -310,7 +330,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "figures": cmd_figures, "report": cmd_report, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "compare": cmd_compare, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "figures": cmd_figures, "report": cmd_report, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

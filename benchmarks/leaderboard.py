@@ -537,3 +537,21 @@ def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = Fa
     notes = ["", "Flagged timings (re-time on a quiet machine before quoting them):",
              *[f"- †{i}: {text}" for i, text in enumerate(flagged, start=1)]] if flagged else []
     return "\n".join(lines + notes) + "\n"
+
+
+def comparison_markdown(table: pd.DataFrame, speedup: str = "saved_layer_speedup") -> str:
+    """Markdown rendering of :func:`eebench.analysis.compare_points` (metrics x100, speed-ups as ``1.83x``)."""
+    headers = ["method", "point", speedup, "metric", "best rival at least as fast", f"rival {speedup}",
+               "rival metric", "difference (paired 95% CI)", "verdict"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * 2 + [":---"] + ["---:"] * 3
+                                                               + [":---"]) + "|"]
+    for row in table.to_dict("records"):
+        cells = [_cell(row["method"]), _cell(row["point"]), _speed(row["speedup"]), f"{100 * row['metric']:.2f}"]
+        if isinstance(row.get("comparator"), str):
+            cells += [_cell(row["comparator"]), _speed(row["comparator_speedup"]), f"{100 * row['comparator_metric']:.2f}",
+                      f"{100 * row['difference']:+.2f} ({100 * row['diff_low']:+.1f} to {100 * row['diff_high']:+.1f})"]
+        else:
+            cells += ["—"] * 4
+        lines.append("| " + " | ".join([*cells, row["verdict"]]) + " |")
+    return "\n".join(lines)
+

@@ -183,7 +183,9 @@ def tradeoff_figure(
                    label="own full model"),
             Line2D([], [], color="0.3", marker="o", linestyle="none", alpha=0.4, markersize=7, label="dominated"),
         ]  # fmt: skip
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False,
+        # Four columns fit the figure's width only with short labels ("CALM (ConsistentEE repo)" overflowed it).
+        columns = 4 if max(len(handle.get_label()) for handle in handles) <= 18 else 3
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(columns, len(handles)), frameon=False,
                    fontsize="small", handlelength=1.6, columnspacing=1.2)  # fmt: skip
         _label_axes(ax, table, speedup, task)
     return fig

@@ -1,4 +1,4 @@
-"""Per-example analyses on a hand-built results directory: bootstrap intervals and difficulty tables."""
+"""Per-example analyses on hand-built results directories: bootstrap intervals, paired comparisons, difficulty tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eebench.analysis import bootstrap_intervals, difficulty_table
+from eebench.analysis import bootstrap_intervals, compare_points, difficulty_table
 from eebench.store import ResultsStore
 
 from conftest import make_record
@@ -68,3 +68,66 @@ def test_paired_difference_from_the_full_model_resolves_what_overlapping_interva
     assert (point.diff_low, point.diff_high) == pytest.approx(tuple(expected))
     assert point.diff_high < 0  # ... the paired difference does not
     assert (full.diff_low, full.diff_high) == (0.0, 0.0)
+
+
+def _job(folder, method: str, points: dict[str, tuple[float, np.ndarray]], n: int = 100):
+    """One job of `method` in `folder`: per knob label (saved-layer speed-up, per-example correctness)."""
+    labels = np.arange(n) % 2
+    records = [make_record(method=method, is_full_model=True, metric=1.0, timed_saved_layer_speedup=1.0)]
+    rows = [pd.DataFrame({"job_id": method, "knob_label": "full model", "example": np.arange(n), "exit_layer": 12,
+                          "prediction": labels, "label": labels, "n_tokens": 10, "difficulty": -1})]
+    for label, (speedup, correct) in points.items():
+        records.append(make_record(method=method, speedup=speedup, metric=float(correct.mean()), knob_label=label,
+                                   timed_saved_layer_speedup=speedup))
+        rows.append(pd.DataFrame({"job_id": method, "knob_label": label, "example": np.arange(len(correct)),
+                                  "exit_layer": 3, "prediction": np.where(correct, labels[:len(correct)],
+                                                                          1 - labels[:len(correct)]),
+                                  "label": labels[:len(correct)], "n_tokens": 10, "difficulty": -1}))
+    ResultsStore(folder).commit(method, [{**r, "job_id": method} for r in records], pd.concat(rows))
+
+
+def test_compare_points_pairs_each_point_with_the_best_rival_at_least_as_fast(tmp_path):
+    """mine@2x (70 %) against calm[x]: its 1.5x point (90 %) is slower, so the rival is the 2.5x point (75 %);
+    the interval is the paired bootstrap of the difference on the same resamples. mine@3x has no calm[x] point
+    as fast; `calm` also matches calm[oracle], whose 4x point then answers it."""
+    n = 100
+    index = np.arange(n)
+    mine_2x, mine_3x = index % 10 >= 3, index % 10 >= 5           # 70 %, 50 %
+    rival_slow, rival_fast, oracle = index % 10 >= 1, index % 4 != 0, index % 20 != 0  # 90 %, 75 %, 95 %
+    _job(tmp_path / "a", "mine", {"t=0.2": (2.0, mine_2x), "t=0.3": (3.0, mine_3x)})
+    _job(tmp_path / "b", "calm[x]", {"t=0.1": (1.5, rival_slow), "t=0.25": (2.5, rival_fast)})
+    _job(tmp_path / "b", "calm[oracle]", {"oracle": (4.0, oracle)})
+    folders = [tmp_path / "a", tmp_path / "b"]
+
+    table = compare_points(folders, "sst2", "mine", ["calm[x]"], n_resamples=400, seed=1)
+    first, second = table.iloc[0], table.iloc[1]
+    assert (first.point, first.comparator, first.comparator_speedup) == ("t=0.2", "calm[x] t=0.25", 2.5)
+    resamples = np.random.default_rng(1).integers(0, n, size=(400, n))
+    expected = np.quantile(mine_2x[resamples].mean(1) - rival_fast[resamples].mean(1), [0.025, 0.975])
+    assert (first.diff_low, first.diff_high) == pytest.approx(tuple(expected))
+    assert first.difference == pytest.approx(-0.05)
+    assert first.verdict == "not resolved" and expected[0] < 0 < expected[1]  # 5 points on 100 examples: noise
+    assert second.verdict == "no comparator at least as fast" and pd.isna(second.comparator)
+
+    with_oracle = compare_points(folders, "sst2", "mine", ["calm"], n_resamples=400, seed=1)
+    assert with_oracle.iloc[1].comparator == "calm[oracle] oracle"
+    assert with_oracle.iloc[1].verdict == "worse, resolved"  # 50 % vs 95 % on the same 100 examples
+
+    with pytest.raises(ValueError, match=r"no operating point of deebert on task 'sst2'.*calm\[oracle\], calm\[x\], mine"):
+        compare_points(folders, "sst2", "mine", ["deebert"])
+    _job(tmp_path / "c", "short", {"t=0.9": (9.0, index[:50] % 2 == 0)}, n=50)
+    with pytest.raises(ValueError, match="scored different sst2 examples"):
+        compare_points([tmp_path / "a", tmp_path / "c"], "sst2", "mine", ["short"])
+
+
+def test_compare_command_prints_the_paired_table(tmp_path, capsys):
+    from eebench.cli import main
+
+    index = np.arange(100)
+    _job(tmp_path / "a", "mine", {"t=0.2": (2.0, index % 10 >= 3)})
+    _job(tmp_path / "b", "calm[x]", {"t=0.25": (2.5, index % 4 != 0)})
+    assert main(["compare", "--results", str(tmp_path / "a"), str(tmp_path / "b"), "--task", "sst2",
+                 "--method", "mine", "--against", "calm"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("| mine | t=0.2 | 2.00x | 70.00 | calm[x] t=0.25 | 2.50x | 75.00 | -5.00 (")
+    assert table[2].endswith("| not resolved |")
