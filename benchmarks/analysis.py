@@ -234,15 +234,17 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
                    speedup: str = "saved_layer_speedup", n_resamples: int = 1000, confidence: float = 0.95,
                    seed: int = 0) -> pd.DataFrame:
     """Is `method` better than the methods `against` at the same speed? A name matches itself and its variants
-    (`calm` matches `calm[softmax]`, `calm[oracle]`, ...; name the variants to leave the oracle out). For every
-    operating point p of `method` on `task` (full-model rows left out), the comparator q = the point of `against` with the highest metric among those
-    at least as fast (`speedup` of q >= that of p), and the paired percentile-bootstrap interval of
-    metric(p) - metric(q) over the dev examples both scored (the same resampled indices for both, as in
-    :func:`bootstrap_draws`). The results folders may come from different commits (each row names its job).
+    (`calm` matches `calm[softmax]`, `calm[oracle]`, ...; name the variants to leave the oracle out).
+
+    For every operating point p of `method` on `task` (full-model rows left out): the rival q = the point of
+    `against` with the highest metric among those at least as fast (`speedup` of q >= that of p), and the paired
+    percentile-bootstrap interval of metric(p) - metric(q) over the dev examples both scored (the same resampled
+    indices for both, as in :func:`bootstrap_draws`). The folders may come from different commits.
 
     q is picked on the same examples it is compared on, which favours `against`: an interval above 0 is
-    conservative for `method`, one below 0 is not. Columns: point, speedup, metric, comparator, comparator_speedup,
-    comparator_metric, difference, diff_low, diff_high (metric scale 0..1), verdict."""
+    conservative for `method`, one below 0 is not. Columns: method, point, job_id, speedup, metric, comparator,
+    comparator_job_id, comparator_speedup, comparator_metric, difference, diff_low, diff_high (metric scale
+    0..1), verdict."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     folders = [Path(folder) for folder in results_dirs]
@@ -259,8 +261,8 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
     for names in ([method], against):
         if not named(names).any():
             present = sorted(points.method.unique()) or ["none"]
-            raise ValueError(f"no operating point of {' or '.join(names)} on task {task!r} in {', '.join(map(str, folders))} "
-                             f"(methods there: {', '.join(present)})")
+            raise ValueError(f"no operating point of {' or '.join(names)} on task {task!r} in "
+                             f"{', '.join(map(str, folders))} (methods there: {', '.join(present)})")
     examples = examples[examples.task == task]
     draws = _draws(examples, n_resamples, seed)
     ids = {job: frozenset(group.example) for job, group in examples.groupby("job_id")}
@@ -268,8 +270,8 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
     rivals = points[named(against)]
     rows = []
     for point in points[named([method])].itertuples(index=False):
-        row = {"method": point.method, "point": point.knob_label, "job_id": point.job_id, "speedup": getattr(point, speedup),
-               "metric": point.metric}
+        row = {"method": point.method, "point": point.knob_label, "job_id": point.job_id,
+               "speedup": getattr(point, speedup), "metric": point.metric}
         faster = rivals[rivals[speedup] >= row["speedup"]]
         if faster.empty:
             rows.append({**row, "verdict": "no comparator at least as fast"})
@@ -281,7 +283,8 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
         difference = draws[(point.job_id, point.knob_label)] - draws[(rival.job_id, rival.knob_label)]
         low, high = np.quantile(difference, quantiles)
         verdict = "better, resolved" if low > 0 else "worse, resolved" if high < 0 else "not resolved"
-        rows.append({**row, "comparator": f"{rival.method} {rival.knob_label}", "comparator_job_id": rival.job_id, "comparator_speedup": rival[speedup],
-                     "comparator_metric": rival.metric, "difference": point.metric - rival.metric, "diff_low": float(low),
-                     "diff_high": float(high), "verdict": verdict})
+        rows.append({**row, "comparator": f"{rival.method} {rival.knob_label}", "comparator_job_id": rival.job_id,
+                     "comparator_speedup": rival[speedup], "comparator_metric": rival.metric,
+                     "difference": point.metric - rival.metric, "diff_low": float(low), "diff_high": float(high),
+                     "verdict": verdict})
     return pd.DataFrame(rows).sort_values("speedup", ignore_index=True)

@@ -548,10 +548,10 @@ def comparison_markdown(table: pd.DataFrame, speedup: str = "saved_layer_speedup
     for row in table.to_dict("records"):
         cells = [_cell(row["method"]), _cell(row["point"]), _speed(row["speedup"]), f"{100 * row['metric']:.2f}"]
         if isinstance(row.get("comparator"), str):
-            cells += [_cell(row["comparator"]), _speed(row["comparator_speedup"]), f"{100 * row['comparator_metric']:.2f}",
-                      f"{100 * row['difference']:+.2f} ({100 * row['diff_low']:+.1f} to {100 * row['diff_high']:+.1f})"]
+            interval = f"{100 * row['diff_low']:+.1f} to {100 * row['diff_high']:+.1f}"
+            cells += [_cell(row["comparator"]), _speed(row["comparator_speedup"]),
+                      f"{100 * row['comparator_metric']:.2f}", f"{100 * row['difference']:+.2f} ({interval})"]
         else:
             cells += ["—"] * 4
         lines.append("| " + " | ".join([*cells, row["verdict"]]) + " |")
     return "\n".join(lines)
-
