@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ def load_examples(results_dir: str | Path) -> pd.DataFrame:
     paths = sorted((root / "examples").glob("*.parquet"))
     if not paths:
         raise FileNotFoundError(f"no per-example results under {root / 'examples'}: run `eebench run --out {root}` first")
-    jobs = load_records(root)[["job_id", "method", "task", "seed", "backbone"]].drop_duplicates("job_id")
+    jobs = load_records(root)[["job_id", "method", "task", "seed", "backbone", "metric_name"]].drop_duplicates("job_id")
     examples = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
     return examples.merge(jobs, on="job_id", how="inner")
 
@@ -88,6 +89,26 @@ def bootstrap_draws(results_dir: str | Path, n_resamples: int = 1000,
     return _draws(load_examples(results_dir), n_resamples, seed)
 
 
+@dataclass(frozen=True)
+class ScoredTask:
+    """A task eebench does not register, such as an lm-eval task measured by `eebench lm-eval`: generation-kind,
+    its per-prompt `primary_metric` scores stored with the examples (what `_point_metric` averages)."""
+
+    name: str
+    primary_metric: str
+    kind: str = "generation"
+
+
+def task_spec(name: str, metric_name: str):
+    """The registered spec of task `name`, else a `ScoredTask` scored by its records' `metric_name`."""
+    from eebench.tasks import UnknownTaskError, get_task
+
+    try:
+        return get_task(name)
+    except UnknownTaskError:
+        return ScoredTask(name, metric_name)
+
+
 def _dev_rows(examples: pd.DataFrame) -> pd.DataFrame:
     """Generation jobs also store their calibration prompts (split = "calibration"); intervals are over dev."""
     return examples[examples["split"].fillna("dev") == "dev"] if "split" in examples else examples
@@ -107,11 +128,9 @@ def _point_metric(spec, point: pd.DataFrame, resamples: np.ndarray | None = None
 
 
 def _draws(examples: pd.DataFrame, n_resamples: int, seed: int) -> dict[tuple[str, str], np.ndarray]:
-    from eebench.tasks import get_task
-
     draws: dict[tuple[str, str], np.ndarray] = {}
     for job_id, job in _dev_rows(examples).groupby("job_id", sort=True):
-        spec = get_task(job.task.iloc[0])
+        spec = task_spec(job.task.iloc[0], job.metric_name.iloc[0])
         size = int(job[job.knob_label == job.knob_label.iloc[0]].shape[0])
         resamples = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
         for knob, point in job.groupby("knob_label", sort=False):
@@ -128,15 +147,13 @@ def bootstrap_intervals(results_dir: str | Path, n_resamples: int = 1000, confid
     same resamples (paired: both are scored on the same examples, so the per-example spread they share cancels;
     an interval that excludes 0 resolves the difference, where overlapping `ci_*` intervals need not mean
     anything). The generator is seeded (`seed`), so the intervals are reproducible."""
-    from eebench.tasks import get_task
-
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     examples = _dev_rows(load_examples(results_dir))
     draws = _draws(examples, n_resamples, seed)
     rows = []
     for (job_id, knob), point in examples.groupby(["job_id", "knob_label"], sort=True):
-        spec = get_task(point.task.iloc[0])
+        spec = task_spec(point.task.iloc[0], point.metric_name.iloc[0])
         metric = float(_point_metric(spec, point))
         quantiles = [(1 - confidence) / 2, (1 + confidence) / 2]
         low, high = np.quantile(draws[(job_id, knob)], quantiles)
@@ -191,15 +208,14 @@ def with_floor_metrics(records: pd.DataFrame, results_dir: str | Path) -> pd.Dat
     """`records` with missing `floor_metric` (classification and regression records written before the runner
     stored it) computed from each job's stored dev labels (`metrics.trivial_floor`); unchanged without examples."""
     from eebench.metrics import trivial_floor
-    from eebench.tasks import get_task
 
     current = records["floor_metric"] if "floor_metric" in records else pd.Series(np.nan, index=records.index)
-    missing = records.loc[current.isna(), ["job_id", "task"]].drop_duplicates("job_id")
+    missing = records.loc[current.isna(), ["job_id", "task", "metric_name"]].drop_duplicates("job_id")
     if missing.empty:
         return records
     floors = {}
-    for job_id, task in missing.itertuples(index=False):
-        spec = get_task(task)
+    for job_id, task, metric_name in missing.itertuples(index=False):
+        spec = task_spec(task, metric_name)
         path = Path(results_dir) / "examples" / f"{job_id}.parquet"
         if spec.kind == "generation" or not path.exists():
             continue

@@ -1,5 +1,5 @@
 """`eebench` command line: run suites of early-exit jobs, then read their stored results (leaderboard, points, compare,
-training, difficulty, hardness, plot, figures, report) or list what exists (methods, tasks, suites, glossary)."""
+training, difficulty, hardness, plot, figures, report), evaluate a decoder method through lm-eval (lm-eval), or list what exists (methods, tasks, suites, glossary)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,29 @@ def _parser() -> argparse.ArgumentParser:
                          help="rival methods; a name also matches its variants (calm: calm[softmax], calm[oracle], ...)")
     compare.add_argument("--speedup", default="saved_layer_speedup",
                          choices=("saved_layer_speedup", "flops_speedup", "wallclock_bs1", "wallclock_bs8"))
+    lm = sub.add_parser("lm-eval", help="a decoder method at a sweep of operating points through lm-evaluation-harness: "
+                                        "lm-eval's results and eebench's costs (per-request exit layers) in --out")
+    lm.add_argument("--method", default="calm", help="a decoder method (calm, consistentee, a plugin)")
+    lm.add_argument("--config", nargs="+", default=(), metavar="NAME=VALUE",
+                    help="method settings, e.g. confidence=classifier; the suite's first config of the method that "
+                         "agrees with them supplies the rest, so its cached checkpoint is reused")
+    lm.add_argument("--knob", nargs="+", default=(), metavar="NAME:VALUE",
+                    help="operating points besides the full model (always run first), e.g. threshold:0.8 threshold:0.6")
+    lm.add_argument("--tasks", nargs="+", required=True,
+                    help="lm-eval task names: eebench-xsum, eebench-alpaca (local data) or any lm-eval task")
+    lm.add_argument("--suite", help="the suite whose training job gives the checkpoint (default generation-smollm2)")
+    lm.add_argument("--backbone", help="override the suite's decoder (smollm2, tiny-llama, a local folder)")
+    lm.add_argument("--seed", type=int, default=0, help="the checkpoint's training seed (default 0)")
+    lm.add_argument("--limit", type=int, help="the first N documents of each task (lm-eval's --limit)")
+    lm.add_argument("--batch-size", type=int, default=8, help="decoding batch size (default 8)")
+    lm.add_argument("--data-dir", help="folder of the eebench tasks' data (default the suite's, "
+                                       "../shared/data/generation)")
+    lm.add_argument("--out", required=True, help="results directory: lm_eval/<knob>/ and eebench records")
+    lm.add_argument("--cache-dir", help="fine-tuned checkpoint cache (default $EEBENCH_CACHE or .eebench_cache)")
+    lm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
+    lm.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap each context in the tokenizer's chat template (default: when it has one)")
+    lm.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("methods", help="list registered methods (built-in and plugins)")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("suites", help="list suites and what they run")
@@ -287,6 +310,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from eebench.lmeval.model import parse_knob
+    from eebench.lmeval.sweep import LMEvalSettings, parse_setting, run_lm_eval
+
+    knobs = tuple(parse_knob(text) for text in _split_list(args.knob) or [])
+    settings = LMEvalSettings(
+        method=args.method, tasks=tuple(_split_list(args.tasks)), out=Path(args.out),
+        knobs=tuple(k for k in knobs if k is not None), method_config=dict(parse_setting(t) for t in args.config),
+        suite=args.suite, backbone=args.backbone, seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+        data_dir=args.data_dir, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        device=_device(args.device), chat_template=args.chat_template)
+    progress = not args.quiet and sys.stderr.isatty()
+    with _library_bars(progress):
+        table = run_lm_eval(settings, progress=progress)
+    if table.empty:
+        return 0
+    rows = [(r.task, r.knob_label, f"{100 * r.metric:.2f}", f"{r.mean_exit_layer:.1f}", f"{r.saved_layer_speedup:.2f}x",
+             f"{r.flops_speedup:.2f}x", f"{r.tokens_per_second:.1f}", f"{r.wallclock_speedup:.2f}x")
+            for r in table.itertuples()]
+    print()
+    _print_table(("task", "point", "ROUGE-L (lm-eval)", "mean layer", "saved layers", "FLOPs", "tokens/s",
+                  "wall-clock"), rows)
+    print(f"\nlm-eval results: {Path(args.out) / 'lm_eval'}/<point>/results.json; eebench records: {args.out} "
+          f"(eebench plot --results {args.out})")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from eebench.methods import list_methods
     rows = [(m.name, m.granularity, ",".join(m.task_kinds), ",".join(m.knob_names), m.origin, m.summary)
@@ -330,7 +380,7 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "compare": cmd_compare, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "figures": cmd_figures, "report": cmd_report, "methods": cmd_methods,
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "points": cmd_points, "compare": cmd_compare, "difficulty": cmd_difficulty, "hardness": cmd_hardness, "training": cmd_training, "plot": cmd_plot, "figures": cmd_figures, "report": cmd_report, "lm-eval": cmd_lm_eval, "methods": cmd_methods,
             "tasks": cmd_tasks, "suites": cmd_suites, "glossary": cmd_glossary}
 
 

@@ -56,6 +56,10 @@ GLOSSARY: dict[str, str] = {
                             "process (the clock includes the prefill and all bookkeeping).",
     "tokens_per_second": "generated tokens / wall-clock seconds of greedy decoding of the timing prompts, prefill "
                          "included, median over repeats.",
+    "lm-eval records": "`eebench lm-eval`: metric = lm-eval's mean per-document score (ROUGE-L for the eebench tasks); "
+                       "costs as for generation over the documents lm-eval sent; tokens_per_second = generated tokens "
+                       "/ seconds inside the method's generate over one pass of those requests at the run's batch "
+                       "size (no interleaved repeats), wallclock_speedup its ratio to the full model's pass.",
     "rougeL / consistency_rougeL": "ROUGE-L F (rouge-score, stemmed) of the output against the reference / "
                                    "against the full model's output for the same prompt (textual consistency).",
     "token_agreement": "per prompt: positions where the early-exit output has the full model's token / "

@@ -208,11 +208,25 @@ def load_job_data(job: Job) -> JobData:
     return JobData(train, dev, selection, carved)
 
 
-def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo: dict | None = None
-            ) -> tuple[list[dict], pd.DataFrame]:
-    """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
-    What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
-    by the jobs of one `run_jobs` call (see `eebench.evaluation`)."""
+@dataclass
+class PreparedJob:
+    """A job's trained model, ready to evaluate: the method (its modules loaded with the fine-tuned weights, in
+    eval mode), its backbone, the task, the job's data and what `_train_or_load` says of the checkpoint."""
+
+    job: Job
+    spec: object
+    evaluator: object
+    method: object
+    model: torch.nn.Module
+    backbone: torch.nn.Module
+    data: JobData
+    training: dict
+    n_train_examples: int
+
+
+def prepare_job(job: Job, cache_dir: Path | None = None, progress: bool = True) -> PreparedJob:
+    """Load the job's data and backbone, build its method and fine-tune it, or restore the cached checkpoint.
+    Shared by `run_job` and everything else that evaluates a trained method (the lm-eval adapter)."""
     check_supported(job)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = get_task(job.task)
@@ -232,7 +246,18 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
     train = evaluator.encode_train(data.train.examples, backbone, job, spec)
     training = _train_or_load(job, method, model, train, pad_id, cache_dir, progress, evaluator, spec, data.carved)
     model.eval()
+    return PreparedJob(job, spec, evaluator, method, model, backbone, data, training, len(train))
 
+
+def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo: dict | None = None
+            ) -> tuple[list[dict], pd.DataFrame]:
+    """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
+    What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
+    by the jobs of one `run_jobs` call (see `eebench.evaluation`)."""
+    prepared = prepare_job(job, cache_dir, progress)
+    spec, method, backbone, data, training = (prepared.spec, prepared.method, prepared.backbone, prepared.data,
+                                              prepared.training)
+    device = torch.device(job.device)
     curve = method.curve_name() if callable(getattr(method, "curve_name", None)) else job.method
     base = {"method": job.method, "curve": curve, "task": job.task, "seed": job.seed, "backbone": job.backbone,
             "metric_name": spec.primary_metric, "num_layers": backbone.num_layers, "device": device.type,
@@ -240,10 +265,11 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             "environment": environment(device), "train_seconds": training["train_seconds"],
             "checkpoint": training["checkpoint"], "checkpoint_commit": training["train_commit"],
             "train_stages": training["stages"],
-            "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
+            "n_train_examples": prepared.n_train_examples,
+            "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
-    return evaluator.evaluate(job, spec, method, model, backbone, data, base, progress, memo)
+    return prepared.evaluator.evaluate(job, spec, method, prepared.model, backbone, data, base, progress, memo)
 
 
 def validate_jobs(jobs: list[Job]) -> None:
