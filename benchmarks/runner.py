@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from eebench.backbones import is_decoder_name, load_backbone
 from eebench.env import environment, git_commit
 from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_traceable: re-exported for tests)
+from eebench.locks import path_lock
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
-from eebench.store import ResultsStore, atomic_write_text, check_one_commit
+from eebench.store import ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
 from eebench.timing import TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
@@ -162,23 +163,24 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train, pad_id: int,
     key = checkpoint_key(job, method.training_signature(), carved)
     path = cache_dir / "checkpoints" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
-        meta = json.loads(meta_path.read_text())
-        meta.setdefault("train_commit", "unknown (trained before checkpoints recorded it)")
-        return {**meta, "checkpoint": key, "from_cache": True}
-    stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
-    evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
-    trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
-    started = time.perf_counter()
-    method.fit(trainer)
-    meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete
-    return {**meta, "checkpoint": key, "from_cache": False}
+    # Train-or-load under the key's lock: of the jobs that share the key (PABEE and PCEE, on any worker or
+    # node), one trains and the others wait, then load its weights.
+    with path_lock(path.with_suffix(".lock")):
+        if path.exists() and meta_path.exists():
+            model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
+            meta = json.loads(meta_path.read_text())
+            meta.setdefault("train_commit", "unknown (trained before checkpoints recorded it)")
+            return {**meta, "checkpoint": key, "from_cache": True}
+        stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
+        evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
+        trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
+        started = time.perf_counter()
+        method.fit(trainer)
+        meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
+        state = model.state_dict()
+        atomic_write_with(path, lambda handle: torch.save(state, handle))
+        atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete
+        return {**meta, "checkpoint": key, "from_cache": False}
 
 
 @dataclass
