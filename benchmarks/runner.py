@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -25,10 +26,13 @@ from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_tr
 from eebench.locks import path_lock
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
-from eebench.store import ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
+from eebench.store import JobFiles, ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
 from eebench.timing import TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
+
+if TYPE_CHECKING:
+    from eebench.executors import Executor
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             ) -> tuple[list[dict], pd.DataFrame]:
     """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
     What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
-    by the jobs of one `run_jobs` call (see `eebench.evaluation`)."""
+    by the jobs of one checkpoint group (see `eebench.evaluation`)."""
     check_supported(job)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = get_task(job.task)
@@ -241,7 +245,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             "n_examples": len(data.dev), "job_id": job.job_id, "config": job.resolved(),
             "environment": environment(device), "train_seconds": training["train_seconds"],
             "checkpoint": training["checkpoint"], "checkpoint_commit": training["train_commit"],
-            "train_stages": training["stages"],
+            "train_stages": training["stages"], "checkpoint_from_cache": training["from_cache"],
             "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}
@@ -270,12 +274,59 @@ def validate_jobs(jobs: list[Job]) -> None:
             raise
 
 
+def checkpoint_group(job: Job) -> str:
+    """The jobs likely to share one fine-tuned checkpoint (PABEE and PCEE of one task and seed), found before
+    any data is read: the driver sends each group to one worker, which trains the network once. A grouping
+    only; the checkpoint lock is what guarantees one training per key wherever the jobs run."""
+    signature = build_method(job.method, **job.method_config).training_signature()
+    return _digest({**training_context(job), "selection_examples": job.selection_examples, "signature": signature})
+
+
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` by checkpoint group, groups in order of their first job."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(checkpoint_group(job), []).append(job)
+    return list(groups.values())
+
+
+def run_group(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """A worker's unit of work: the jobs of one checkpoint group, one after another. Each runs under its lock
+    and only if the folder still lacks it: a retry, a requeue or a second `eebench run` on the same folder may
+    deliver a job that is done (or running) elsewhere. Writes per-job files only; the driver rebuilds
+    records.jsonl. Returns {"done": [...], "skipped": [...]} (job descriptions)."""
+    log = log or (lambda line: print(line, flush=True))
+    files = JobFiles(out_dir)
+    summary: dict[str, list[str]] = {"done": [], "skipped": []}
+    memo: dict = {}  # full-model generations per checkpoint and prompts, for this group only
+    for job in jobs:
+        with files.job_lock(job.job_id):
+            if files.has(job.job_id):
+                log(f"job {job.job_id}: already done elsewhere, skipped")
+                summary["skipped"].append(job.describe())
+                continue
+            log(f"job {job.job_id}: {job.describe()}")
+            records, examples = run_job(job, cache_dir, progress, memo)
+            files.write(job.job_id, records, examples)
+        summary["done"].append(job.describe())
+    return summary
+
+
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None, allow_mixed_commits: bool = False) -> dict[str, list[str]]:
-    """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}.
-    Every pending job's input is checked first (`validate_jobs`), so bad input never touches the store; so is
-    the code: a folder measured by another commit gets no new job (`MixedCommitsError`) unless
-    `allow_mixed_commits`."""
+             log: Callable[[str], None] | None = None, allow_mixed_commits: bool = False,
+             executor: Executor | None = None) -> dict[str, list[str]]:
+    """Run every job not yet in the store; returns {"done", "skipped", "unsupported", "failed"}: lists of job
+    descriptions ("failed": with the error). Every pending job's input is checked first (`validate_jobs`), so
+    bad input never touches the store; so is the code: a folder measured by another commit gets no new job
+    (`MixedCommitsError`) unless `allow_mixed_commits`.
+
+    The driver: pending jobs are grouped by checkpoint (`group_jobs`) and the groups submitted to `executor`
+    (default: `SerialExecutor`, in this process); records.jsonl is rebuilt as each group comes back. A group
+    that fails on a worker is reported with its traceback and job id, and the rest of the grid goes on; in
+    this process (serial) its error is raised, as before executors existed."""
+    from eebench.executors import JobFailedError, SerialExecutor
+
     log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
     finished = ResultsStore.finished_jobs(out_dir)
     pending = [job for job in jobs if job.job_id not in finished]
@@ -287,9 +338,9 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
         log(f"kept {len(store.adopted)} job(s) that only {store.records_path} held, as jobs/ files: "
             f"{', '.join(store.adopted)}")
     finished = store.done()
-    summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
-    memo: dict = {}  # full-model generations per checkpoint and prompts, for this call only
-    for job in tqdm(jobs, desc="jobs", disable=not progress):
+    summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": [], "failed": []}
+    todo = []
+    for job in jobs:
         if job.job_id in finished:
             summary["skipped"].append(job.describe())
             continue
@@ -299,8 +350,30 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
             log(f"skip: {error}")
             summary["unsupported"].append(job.describe())
             continue
-        log(f"job {job.job_id}: {job.describe()}")
-        records, examples = run_job(job, cache_dir, progress, memo)
-        store.commit(job.job_id, records, examples)
-        summary["done"].append(job.describe())
+        todo.append(job)
+    executor = executor or SerialExecutor()
+    # Absolute paths: a worker may start in another folder (a Slurm job on another node).
+    out_dir = Path(out_dir).resolve()
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).resolve()
+    groups = group_jobs(todo)
+    in_process = executor.in_process
+    calls = [(group, out_dir, cache_dir, progress and in_process, log if in_process else None) for group in groups]
+    handles = executor.submit(run_group, calls)
+    bar = tqdm(total=len(todo), desc="jobs", disable=not progress)
+    try:
+        for handle in executor.as_completed(handles):
+            group = groups[handles.index(handle)]
+            try:
+                result = handle.result()
+            except JobFailedError as error:
+                log(f"FAILED: {error}")
+                summary["failed"].extend(f"{job.describe()} ({error.job_id})" for job in group)
+                continue
+            finally:
+                store.rebuild()
+                bar.update(len(group))
+            summary["done"].extend(result["done"])
+            summary["skipped"].extend(result["skipped"])
+    finally:
+        bar.close()
     return summary

@@ -10,10 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from eebench.store import ResultsStore
+
+from conftest import GLUE
 
 
 def _python(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -152,3 +156,27 @@ def test_a_lock_whose_holder_died_is_taken_over(tmp_path, kind):
     holder.communicate()
     (waited,) = _finish([taker], timeout=120)  # it got the lock after all
     assert float(waited) > 0
+
+
+def _run(out: Path, cache: Path, methods: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "eebench.cli", "run", "--suite", "quick", "--backbone", "tiny-bert",
+               "--tasks", "sst2", "--data-dir", str(GLUE), "--methods", methods, "--seeds", "0",
+               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4",
+               "--out", str(out), "--cache-dir", str(cache), "--quiet"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_folder_train_and_record_each_job_once(tmp_path):
+    """Before: both trained and recorded every job. PABEE and PCEE share one checkpoint key: one training."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    _finish([_run(out, cache, "pabee,pcee"), _run(out, cache, "pcee,pabee")])
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"pabee", "pcee"}
+    per_job = pd.DataFrame(records).groupby("job_id").agg(checkpoint=("checkpoint", "first"),
+                                                         trained=("checkpoint_from_cache", lambda s: not s.iloc[0]))
+    assert len(per_job) == 2 and per_job.checkpoint.nunique() == 1
+    assert per_job.trained.sum() == 1  # one job trained the shared network, the other loaded it
+    keys = [(r["job_id"], r["knob_label"], r["batch_size"]) for r in records]
+    assert len(keys) == len(set(keys))
+    assert len(list(cache.glob("checkpoints/*.pt"))) == 1
