@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from eebench.backbones import is_decoder_name, load_backbone
 from eebench.env import environment, git_commit
 from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_traceable: re-exported for tests)
-from eebench.locks import path_lock
+from eebench.locks import node_activity, path_lock
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.store import JobFiles, ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
@@ -218,7 +219,19 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             ) -> tuple[list[dict], pd.DataFrame]:
     """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
     What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
-    by the jobs of one checkpoint group (see `eebench.evaluation`)."""
+    by the jobs of one checkpoint group (see `eebench.evaluation`). The job holds the node's activity lock
+    shared, so that no other job's wall-clock stage runs beside its training (`eebench.locks`)."""
+    with node_activity().working():
+        return _run_job(job, cache_dir, progress, memo)
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job this process runs in (an array task as JOBID_TASK), or None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _run_job(job: Job, cache_dir: Path | None, progress: bool, memo: dict | None) -> tuple[list[dict], pd.DataFrame]:
     check_supported(job)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = get_task(job.task)
@@ -246,6 +259,7 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             "environment": environment(device), "train_seconds": training["train_seconds"],
             "checkpoint": training["checkpoint"], "checkpoint_commit": training["train_commit"],
             "train_stages": training["stages"], "checkpoint_from_cache": training["from_cache"],
+            "host": socket.gethostname(), "slurm_job_id": slurm_job_id(),
             "n_train_examples": len(train), "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
             "method_config": config_dict(method.config) if hasattr(method, "config") else {}}

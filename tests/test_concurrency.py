@@ -158,6 +158,34 @@ def test_a_lock_whose_holder_died_is_taken_over(tmp_path, kind):
     assert float(waited) > 0
 
 
+ACTIVITY = """
+    import sys, time
+    from eebench.locks import NodeActivity
+    activity, mode, log, hold = NodeActivity(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+    with (activity.timing() if mode == "timing" else activity.working()):
+        start = time.time()
+        time.sleep(hold)
+        end = time.time()
+    with open(log, "a") as handle:
+        handle.write(f"{mode} {start} {end}\\n")
+"""
+
+
+def test_timing_never_overlaps_other_jobs_but_jobs_overlap_each_other(tmp_path):
+    """Two jobs working side by side and a third job's clock: the clock runs only when both have left."""
+    log = tmp_path / "log"
+    locks = str(tmp_path / "node")
+    workers = [_python(ACTIVITY, locks, "working", str(log), "3") for _ in range(2)]
+    time.sleep(1.5)  # both hold it shared by now
+    timer = _python(ACTIVITY, locks, "timing", str(log), "0.5")
+    _finish([*workers, timer])
+    spans = [line.split() for line in log.read_text().splitlines()]
+    working = [(float(s), float(e)) for mode, s, e in spans if mode == "working"]
+    (timing,) = [(float(s), float(e)) for mode, s, e in spans if mode == "timing"]
+    assert max(s for s, _ in working) < min(e for _, e in working)  # the two jobs overlapped
+    assert timing[0] >= max(e for _, e in working)  # the clock started after both had finished
+
+
 def _run(out: Path, cache: Path, methods: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "eebench.cli", "run", "--suite", "quick", "--backbone", "tiny-bert",
                "--tasks", "sst2", "--data-dir", str(GLUE), "--methods", methods, "--seeds", "0",
