@@ -3,6 +3,10 @@
 A job is a pure, idempotent unit: its identity (`Job.job_id`) is a hash of its resolved configuration, its
 fine-tuned weights are cached under a hash of what determines them (`checkpoint_key`), and its records are
 committed atomically to the results store. Running the same job twice does nothing the second time.
+
+`run_jobs` is the driver of a grid (skip finished jobs, group the rest by checkpoint, hand the groups to an
+executor from `eebench.executors`, rebuild records.jsonl); `run_group` is what a worker runs, in this process
+or on another machine; `run_job` is one job.
 """
 
 from __future__ import annotations
