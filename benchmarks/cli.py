@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from eebench.executors.arguments import add_executor_arguments, executor_from_arguments
+
 DEFAULT_SUITE = "quick"
 
 
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--allow-mixed-commits", action="store_true",
                      help="add jobs to a results folder that other code measured (refused by default)")
+    add_executor_arguments(run)
 
     for name, text in (("leaderboard", "print the leaderboard of a results directory and write DIR/leaderboard.md"),
                        ("points", "print every operating point with all its speed-ups and write DIR/points.md"),
@@ -216,18 +219,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Bars only on a terminal: piped into a log they are escape codes. Without bars, job lines still print.
     progress = not args.quiet and sys.stderr.isatty()
-    with _library_bars(progress):
-        summary = run_jobs(jobs, out, Path(args.cache_dir) if args.cache_dir else None, progress=progress,
-                           allow_mixed_commits=args.allow_mixed_commits)
+    executor = executor_from_arguments(args, out)
+    try:
+        with _library_bars(progress):
+            summary = run_jobs(jobs, out, Path(args.cache_dir) if args.cache_dir else None, progress=progress,
+                               allow_mixed_commits=args.allow_mixed_commits, executor=executor)
+    finally:
+        executor.close()
     elapsed = time.perf_counter() - started
+    failed = f", {len(summary['failed'])} FAILED (tracebacks above; a rerun retries them)" if summary["failed"] else ""
     print(f"\n{len(summary['done'])} job(s) run, {len(summary['skipped'])} already done, "
-          f"{len(summary['unsupported'])} unsupported, in {elapsed:.0f} s.")
+          f"{len(summary['unsupported'])} unsupported{failed}, in {elapsed:.0f} s.")
     if len(load_records(out)):
         board, path = write_leaderboard(out)  # the table a run ends with is also a file, as `eebench leaderboard`'s
         print()
         print(to_markdown(board))
         print(f"written: {path}")
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@
 A job is a pure, idempotent unit: its identity (`Job.job_id`) is a hash of its resolved configuration, its
 fine-tuned weights are cached under a hash of what determines them (`checkpoint_key`), and its records are
 committed atomically to the results store. Running the same job twice does nothing the second time.
+
+`run_jobs` is the driver of a grid (skip finished jobs, group the rest by checkpoint, hand the groups to an
+executor from `eebench.executors`, rebuild records.jsonl); `run_group` is what a worker runs, in this process
+or on another machine; `run_job` is one job.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -22,12 +28,16 @@ from tqdm.auto import tqdm
 from eebench.backbones import is_decoder_name, load_backbone
 from eebench.env import environment, git_commit
 from eebench.evaluation import evaluator_for, is_traceable  # noqa: F401  (is_traceable: re-exported for tests)
+from eebench.locks import node_activity, path_lock
 from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
-from eebench.store import ResultsStore, atomic_write_text, check_one_commit
+from eebench.store import JobFiles, ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
 from eebench.timing import TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
+
+if TYPE_CHECKING:
+    from eebench.executors import Executor
 
 
 @dataclass(frozen=True)
@@ -162,23 +172,24 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train, pad_id: int,
     key = checkpoint_key(job, method.training_signature(), carved)
     path = cache_dir / "checkpoints" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
-        meta = json.loads(meta_path.read_text())
-        meta.setdefault("train_commit", "unknown (trained before checkpoints recorded it)")
-        return {**meta, "checkpoint": key, "from_cache": True}
-    stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
-    evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
-    trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
-    started = time.perf_counter()
-    method.fit(trainer)
-    meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete
-    return {**meta, "checkpoint": key, "from_cache": False}
+    # Train-or-load under the key's lock: of the jobs that share the key (PABEE and PCEE, on any worker or
+    # node), one trains and the others wait, then load its weights.
+    with path_lock(path.with_suffix(".lock")):
+        if path.exists() and meta_path.exists():
+            model.load_state_dict(torch.load(path, map_location=job.device, weights_only=True))
+            meta = json.loads(meta_path.read_text())
+            meta.setdefault("train_commit", "unknown (trained before checkpoints recorded it)")
+            return {**meta, "checkpoint": key, "from_cache": True}
+        stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
+        evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
+        trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
+        started = time.perf_counter()
+        method.fit(trainer)
+        meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
+        state = model.state_dict()
+        atomic_write_with(path, lambda handle: torch.save(state, handle))
+        atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete
+        return {**meta, "checkpoint": key, "from_cache": False}
 
 
 @dataclass
@@ -253,7 +264,19 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             ) -> tuple[list[dict], pd.DataFrame]:
     """Fine-tune (or load) and evaluate one job over its whole knob grid. Returns (records, per-example table).
     What differs between task kinds (encoding, evaluation, metrics, costs) is the evaluator's. `memo`: shared
-    by the jobs of one `run_jobs` call (see `eebench.evaluation`)."""
+    by the jobs of one checkpoint group (see `eebench.evaluation`). The job holds the node's activity lock
+    shared, so that no other job's wall-clock stage runs beside its training (`eebench.locks`)."""
+    with node_activity().working():
+        return _run_job(job, cache_dir, progress, memo)
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job this process runs in (an array task as JOBID_TASK), or None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _run_job(job: Job, cache_dir: Path | None, progress: bool, memo: dict | None) -> tuple[list[dict], pd.DataFrame]:
     prepared = prepare_job(job, cache_dir, progress)
     spec, method, backbone, data, training = (prepared.spec, prepared.method, prepared.backbone, prepared.data,
                                               prepared.training)
@@ -264,7 +287,8 @@ def run_job(job: Job, cache_dir: Path | None = None, progress: bool = True, memo
             "n_examples": len(data.dev), "job_id": job.job_id, "config": job.resolved(),
             "environment": environment(device), "train_seconds": training["train_seconds"],
             "checkpoint": training["checkpoint"], "checkpoint_commit": training["train_commit"],
-            "train_stages": training["stages"],
+            "train_stages": training["stages"], "checkpoint_from_cache": training["from_cache"],
+            "host": socket.gethostname(), "slurm_job_id": slurm_job_id(),
             "n_train_examples": prepared.n_train_examples,
             "n_selection_examples": len(data.selection) if data.selection else 0,
             "selection_carved_from_training": data.carved, "trained_on": job.trained_on,
@@ -294,12 +318,59 @@ def validate_jobs(jobs: list[Job]) -> None:
             raise
 
 
+def checkpoint_group(job: Job) -> str:
+    """The jobs likely to share one fine-tuned checkpoint (PABEE and PCEE of one task and seed), found before
+    any data is read: the driver sends each group to one worker, which trains the network once. A grouping
+    only; the checkpoint lock is what guarantees one training per key wherever the jobs run."""
+    signature = build_method(job.method, **job.method_config).training_signature()
+    return _digest({**training_context(job), "selection_examples": job.selection_examples, "signature": signature})
+
+
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` by checkpoint group, groups in order of their first job."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(checkpoint_group(job), []).append(job)
+    return list(groups.values())
+
+
+def run_group(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """A worker's unit of work: the jobs of one checkpoint group, one after another. Each runs under its lock
+    and only if the folder still lacks it: a retry, a requeue or a second `eebench run` on the same folder may
+    deliver a job that is done (or running) elsewhere. Writes per-job files only; the driver rebuilds
+    records.jsonl. Returns {"done": [...], "skipped": [...]} (job descriptions)."""
+    log = log or (lambda line: print(line, flush=True))
+    files = JobFiles(out_dir)
+    summary: dict[str, list[str]] = {"done": [], "skipped": []}
+    memo: dict = {}  # full-model generations per checkpoint and prompts, for this group only
+    for job in jobs:
+        with files.job_lock(job.job_id):
+            if files.has(job.job_id):
+                log(f"job {job.job_id}: already done elsewhere, skipped")
+                summary["skipped"].append(job.describe())
+                continue
+            log(f"job {job.job_id}: {job.describe()}")
+            records, examples = run_job(job, cache_dir, progress, memo)
+            files.write(job.job_id, records, examples)
+        summary["done"].append(job.describe())
+    return summary
+
+
 def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None, allow_mixed_commits: bool = False) -> dict[str, list[str]]:
-    """Run every job not yet in the store; returns {"done": [...], "skipped": [...], "unsupported": [...]}.
-    Every pending job's input is checked first (`validate_jobs`), so bad input never touches the store; so is
-    the code: a folder measured by another commit gets no new job (`MixedCommitsError`) unless
-    `allow_mixed_commits`."""
+             log: Callable[[str], None] | None = None, allow_mixed_commits: bool = False,
+             executor: Executor | None = None) -> dict[str, list[str]]:
+    """Run every job not yet in the store; returns {"done", "skipped", "unsupported", "failed"}: lists of job
+    descriptions ("failed": with the error). Every pending job's input is checked first (`validate_jobs`), so
+    bad input never touches the store; so is the code: a folder measured by another commit gets no new job
+    (`MixedCommitsError`) unless `allow_mixed_commits`.
+
+    The driver: pending jobs are grouped by checkpoint (`group_jobs`) and the groups submitted to `executor`
+    (default: `SerialExecutor`, in this process); records.jsonl is rebuilt as each group comes back. A group
+    that fails on a worker is reported with its traceback and job id, and the rest of the grid goes on; in
+    this process (serial) its error is raised, as before executors existed."""
+    from eebench.executors import JobFailedError, SerialExecutor
+
     log = log or (tqdm.write if progress else print)  # tqdm.write: a line above the bars, not through them
     finished = ResultsStore.finished_jobs(out_dir)
     pending = [job for job in jobs if job.job_id not in finished]
@@ -311,9 +382,9 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
         log(f"kept {len(store.adopted)} job(s) that only {store.records_path} held, as jobs/ files: "
             f"{', '.join(store.adopted)}")
     finished = store.done()
-    summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": []}
-    memo: dict = {}  # full-model generations per checkpoint and prompts, for this call only
-    for job in tqdm(jobs, desc="jobs", disable=not progress):
+    summary: dict[str, list[str]] = {"done": [], "skipped": [], "unsupported": [], "failed": []}
+    todo = []
+    for job in jobs:
         if job.job_id in finished:
             summary["skipped"].append(job.describe())
             continue
@@ -323,8 +394,30 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, cache_dir: Path | None = None
             log(f"skip: {error}")
             summary["unsupported"].append(job.describe())
             continue
-        log(f"job {job.job_id}: {job.describe()}")
-        records, examples = run_job(job, cache_dir, progress, memo)
-        store.commit(job.job_id, records, examples)
-        summary["done"].append(job.describe())
+        todo.append(job)
+    executor = executor or SerialExecutor()
+    # Absolute paths: a worker may start in another folder (a Slurm job on another node).
+    out_dir = Path(out_dir).resolve()
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).resolve()
+    groups = group_jobs(todo)
+    in_process = executor.in_process
+    calls = [(group, out_dir, cache_dir, progress and in_process, log if in_process else None) for group in groups]
+    handles = executor.submit(run_group, calls)
+    bar = tqdm(total=len(todo), desc="jobs", disable=not progress)
+    try:
+        for handle in executor.as_completed(handles):
+            group = groups[handles.index(handle)]
+            try:
+                result = handle.result()
+            except JobFailedError as error:
+                log(f"FAILED: {error}")
+                summary["failed"].extend(f"{job.describe()} ({error.job_id})" for job in group)
+                continue
+            finally:
+                store.rebuild()
+                bar.update(len(group))
+            summary["done"].extend(result["done"])
+            summary["skipped"].extend(result["skipped"])
+    finally:
+        bar.close()
     return summary

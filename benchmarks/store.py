@@ -3,12 +3,15 @@
 Layout of a results directory DIR:
     DIR/jobs/<job_id>.jsonl        the records of one finished job (the commit marker of that job)
     DIR/examples/<job_id>.parquet  per-example exit layers, predictions and labels of that job
-    DIR/records.jsonl              all jobs' records, rebuilt from DIR/jobs/ after every commit
+    DIR/records.jsonl              all jobs' records, rebuilt from DIR/jobs/ after every commit (by the driver
+                                   of a run, never by its workers: they write per-job files only)
+    DIR/.locks/                    lock files (the folder's, and one per running job); not results
 
 Every file is written to a temporary name in the same folder, fsync'ed and renamed (`os.replace` is atomic
 on POSIX), and a job's records file is written last. So a run killed at any moment leaves either a whole
 job or none of it; a restart skips the jobs present, and `records.jsonl` can never hold a torn line or
-the same job twice (it is regenerated from one file per job id).
+the same job twice (it is regenerated from one file per job id). Temporary names are unique per writer, and
+the store removes only day-old ones, so it never deletes a file another process is still writing.
 
 `records.jsonl` is derived, but a user may have merged lines into it (from another machine, or kept from an
 older version): before anything is rewritten, lines that no `jobs/` file backs are adopted into `jobs/` (so
@@ -18,22 +21,34 @@ they survive every later rebuild), and lines the store cannot place (not JSON, n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 
+from eebench.locks import path_lock
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# A temporary file this old is a leftover of a writer killed mid-write (writing one file takes seconds);
+# a younger one may be another process's file being written right now, so it is left alone.
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` into a temporary file of a name no other writer uses (mkstemp), then rename it over
+    `path`: readers see the old file or the new one, and concurrent writers never touch each other's file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
@@ -41,6 +56,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -118,21 +137,58 @@ def check_one_commit(root: str | Path, current: str) -> None:
         f"Nothing was run or changed.")
 
 
-class ResultsStore:
+class JobFiles:
+    """The per-job files of a results folder, all a worker needs: it writes a finished job's files (never
+    records.jsonl, which only the driver rebuilds) and holds a job's lock while it runs and commits it."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.jobs_dir = self.root / "jobs"
         self.examples_dir = self.root / "examples"
         self.records_path = self.root / "records.jsonl"
-        orphans = self._orphans()  # read-only, and first: a store it cannot read is left exactly as it was
+        self.locks_dir = self.root / ".locks"
+
+    def has(self, job_id: str) -> bool:
+        return (self.jobs_dir / f"{job_id}.jsonl").exists()
+
+    def job_lock(self, job_id: str):
+        """Held while a job runs and commits, so two processes never run (or record) the same job."""
+        return path_lock(self.locks_dir / f"job-{job_id}.lock")
+
+    def write(self, job_id: str, records: Sequence[dict], examples: pd.DataFrame | None = None) -> None:
+        """One finished job: examples first, then its records (the marker that the job is done)."""
+        if examples is not None:
+            atomic_write_with(self.examples_dir / f"{job_id}.parquet",
+                              lambda handle: examples.to_parquet(handle, index=False))
+        atomic_write_text(self.jobs_dir / f"{job_id}.jsonl", _jsonl(records))
+
+
+class ResultsStore(JobFiles):
+    """The driver's view of a results folder. Many processes may use one folder at once (workers of one run,
+    two runs, nodes on a shared filesystem): a job's files are written once, under names no other writer
+    uses; records.jsonl is rebuilt, and orphans adopted, under the folder's lock (DIR/.locks/store.lock), so
+    rebuilds never interleave."""
+
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+        self._orphans()  # read-only, and first: a store it cannot read is left exactly as it was
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.examples_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.jobs_dir.glob(".*.tmp"), *self.examples_dir.glob(".*.tmp"), *self.root.glob(".*.tmp")]:
-            stale.unlink(missing_ok=True)  # leftovers of a run killed mid-write
-        for job_id, records in orphans.items():
-            atomic_write_text(self.jobs_dir / f"{job_id}.jsonl", _jsonl(records))
-        self.adopted: list[str] = sorted(orphans)  # job ids whose records only records.jsonl held
-        self.rebuild()
+        with self.lock():
+            orphans = self._orphans()  # again: another process may have rebuilt since
+            cutoff = time.time() - STALE_TMP_SECONDS
+            for stale in [*self.jobs_dir.glob(".*.tmp"), *self.examples_dir.glob(".*.tmp"), *self.root.glob(".*.tmp")]:
+                with contextlib.suppress(FileNotFoundError):  # another process may remove it first
+                    if stale.stat().st_mtime < cutoff:
+                        stale.unlink()
+            for job_id, records in orphans.items():
+                atomic_write_text(self.jobs_dir / f"{job_id}.jsonl", _jsonl(records))
+            self.adopted: list[str] = sorted(orphans)  # job ids whose records only records.jsonl held
+            self._rebuild()
+
+    def lock(self):
+        """The folder's lock: held while records.jsonl is rebuilt (and while lines are adopted)."""
+        return path_lock(self.locks_dir / "store.lock")
 
     @staticmethod
     def finished_jobs(root: str | Path) -> set[str]:
@@ -178,17 +234,16 @@ class ResultsStore:
         return orphans
 
     def commit(self, job_id: str, records: Sequence[dict], examples: pd.DataFrame | None = None) -> None:
-        """Store one finished job: examples first, then its records (the marker), then the merged file."""
-        if examples is not None:
-            path = self.examples_dir / f"{job_id}.parquet"
-            tmp = path.with_name(f".{path.name}.tmp")
-            examples.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        atomic_write_text(self.jobs_dir / f"{job_id}.jsonl", _jsonl(records))
+        """Store one finished job (`write`), then the merged file."""
+        self.write(job_id, records, examples)
         self.rebuild()
 
     def rebuild(self) -> None:
         """Regenerate records.jsonl from the per-job files (sorted, so the file is deterministic)."""
+        with self.lock():
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         parts = [path.read_text(encoding="utf-8") for path in sorted(self.jobs_dir.glob("*.jsonl"))]
         atomic_write_text(self.records_path, "".join(parts))
 

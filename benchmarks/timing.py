@@ -12,10 +12,11 @@ first N examples of a dev set ordered by source (STS-B's first 128 are all MSRvi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -147,6 +148,19 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], clock: C
     """Median seconds per candidate over `repeats` interleaved rounds, after `warmup` uncounted rounds."""
     return {name: timed.median for name, timed in
             interleaved_times(candidates, clock, repeats, warmup, retime_spread=None).items()}
+
+
+@contextlib.contextmanager
+def exclusive_timing() -> Iterator[dict]:
+    """Run the wall-clock stage holding the node's activity lock exclusively (`eebench.locks`): no other job
+    of ours trains, evaluates or times on this node meanwhile. Yields a dict for the records, filled on exit:
+    timing_exclusive (whether the lock was held) and load_average_end (the 1-minute load as timing ended)."""
+    from eebench.locks import node_activity
+
+    context: dict = {}
+    with node_activity().timing() as exclusive:
+        yield context
+        context.update(timing_exclusive=exclusive, load_average_end=load_average())
 
 
 def load_average() -> float:

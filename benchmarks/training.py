@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -157,14 +156,16 @@ class LoopTrainer:
         if self.stage_cache is None:
             run()
             return False
-        restored = self.stage_cache.load(self.model, name, signature, self.device, part)
-        if restored is not None:
-            self.stages.extend({**stage, "from_cache": True} for stage in restored)
-            return True
-        first = len(self.stages)
-        run()
-        self.stage_cache.save(self.model, name, signature, self.stages[first:], part)
-        return False
+        # Under the stage's lock: jobs of two checkpoints that share a stage (on other workers) train it once.
+        with self.stage_cache.lock(name, signature):
+            restored = self.stage_cache.load(self.model, name, signature, self.device, part)
+            if restored is not None:
+                self.stages.extend({**stage, "from_cache": True} for stage in restored)
+                return True
+            first = len(self.stages)
+            run()
+            self.stage_cache.save(self.model, name, signature, self.stages[first:], part)
+            return False
 
     def batches(self, shuffle: bool = False, generator: torch.Generator | None = None,
                 batch_size: int | None = None) -> Iterator[dict]:
@@ -281,12 +282,13 @@ class StageCache:
         return json.loads(meta.read_text())
 
     def save(self, model: nn.Module, name: str, signature: dict, stages: list[dict], part: str | None = None) -> None:
-        from eebench.store import atomic_write_text
+        from eebench.store import atomic_write_text, atomic_write_with
         path = self._path(name, signature)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         state = model.state_dict() if part is None else {
             f"{part}.{k}": v for k, v in model.get_submodule(part).state_dict().items()}
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda handle: torch.save(state, handle))
         atomic_write_text(path.with_suffix(".json"), json.dumps(stages))
+
+    def lock(self, name: str, signature: dict):
+        from eebench.locks import path_lock
+        return path_lock(self._path(name, signature).with_suffix(".lock"))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from eebench.leaderboard import leaderboard, load_records
-from eebench.runner import UnsupportedTaskError, checkpoint_key, run_job, run_jobs
+from eebench.runner import UnsupportedTaskError, checkpoint_key, run_job, run_jobs, slurm_job_id
 
 from conftest import GLUE, tiny_job
 
@@ -46,6 +46,9 @@ def test_records_have_the_documented_fields(sst2_run):
         # every timing repeat is kept, with the load it ran under and why it would be untrustworthy
         assert len(record["wallclock_seconds_repeats"]) == 1 and record["wallclock_seconds"] > 0
         assert isinstance(record["load_average"], float) and isinstance(record["timing_flag"], str)
+        # where and how it was timed: the clock ran holding the node's activity lock (nothing of ours beside it)
+        assert record["timing_exclusive"] is True and isinstance(record["load_average_end"], float)
+        assert record["host"] and record["slurm_job_id"] == slurm_job_id()  # None outside Slurm
         assert record["realization"] == pytest.approx(record["wallclock_speedup"] / record["timed_saved_layer_speedup"])
         assert record["config"]["eval"]["timing_sample"] == "random" and record["checkpoint_commit"]
         assert record["floor_metric"] == pytest.approx(max(np.mean(labels), 1 - np.mean(labels)))  # majority class

@@ -22,6 +22,7 @@ from eebench.metrics import compute_metrics, predictions_from_logits, trivial_fl
 from eebench.timing import (
     Timed,
     clock_for,
+    exclusive_timing,
     interleaved_times,
     load_average,
     timing_bar,
@@ -169,7 +170,8 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
         full_eval_seconds = time.perf_counter() - started
         full_flops = full_flops + 2 * outputs["full model"]["head_macs"]
         sample = timing_sample(len(dev), job.eval.timing_examples, job.eval.timing_sample)
-        timings = _time_points(method, dev, sample, points, job.eval, pad_id, device, progress)
+        with exclusive_timing() as timing_context:
+            timings = _time_points(method, dev, sample, points, job.eval, pad_id, device, progress)
         annotations = _annotate(method, dev, job.eval.batch_size, pad_id, device)
         selection = {}
         if data.selection is not None:  # the same knobs on the held-out selection set, for choosing points
@@ -178,7 +180,7 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
                                             num_layers, progress, f"select {job.method}/{job.task}")
 
     floor_metric, floor_prediction = trivial_floor(spec, labels)  # what a constant answer scores on this dev set
-    base = {**base, "pooling": backbone.pooling, "evaluation": evaluation, "eval_seconds": eval_seconds,
+    base = {**base, **timing_context, "pooling": backbone.pooling, "evaluation": evaluation, "eval_seconds": eval_seconds,
             "curve_cost_ratio": eval_seconds / full_eval_seconds, "n_points": len(points),
             "floor_metric": floor_metric, "floor_prediction": floor_prediction}
     records, example_rows = [], []

@@ -24,6 +24,7 @@ from eebench.methods.protocol import PromptBatch, ProtocolError
 from eebench.tasks.generation import render_prompt
 from eebench.timing import (
     clock_for,
+    exclusive_timing,
     interleaved_times,
     load_average,
     timing_bar,
@@ -232,7 +233,9 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
             outputs[knob_label(knob)] = generate_all(method, batches, knob, num_layers)
             seconds[knob_label(knob)] = time.perf_counter() - started
         eval_seconds = sum(seconds.values())
-        timings, timed = _time(method, prompts, len(prompts), points, job, pad_id, limits, device, num_layers, progress)
+        with exclusive_timing() as timing_context:
+            timings, timed = _time(method, prompts, len(prompts), points, job, pad_id, limits, device, num_layers,
+                                   progress)
     full = outputs["full model"]
     scores, scorer = {}, None
     for label, out in outputs.items():
@@ -250,7 +253,7 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
                 points, job, config, pad_id, limits, device, num_layers, dev_losses, progress, memo, memo_key)
 
     full_costs = point_costs(full, info)
-    base = {**base, "evaluation": "online", "eval_seconds": eval_seconds,
+    base = {**base, **timing_context, "evaluation": "online", "eval_seconds": eval_seconds,
             "curve_cost_ratio": eval_seconds / seconds["full model"],
             "n_points": len(points), "bertscore_scorer": scorer, "max_new_tokens": limits.max_new_tokens,
             "calibration": calibration, "n_timed_examples": len(timed)}
