@@ -183,9 +183,10 @@ def _train_or_load(job: Job, method, model: torch.nn.Module, train, pad_id: int,
         stage_cache = StageCache(cache_dir / "checkpoints", training_context(job, carved))
         evaluator.before_training(model, train, spec)  # e.g. regression heads start at the mean target
         trainer = LoopTrainer(model, train, job.train, job.seed, pad_id, job.device, progress, stage_cache)
+        commit = git_commit()  # the code that runs: read before training, not after (a commit may land meanwhile)
         started = time.perf_counter()
         method.fit(trainer)
-        meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": git_commit()}
+        meta = {"train_seconds": time.perf_counter() - started, "stages": trainer.stages, "train_commit": commit}
         state = model.state_dict()
         atomic_write_with(path, lambda handle: torch.save(state, handle))
         atomic_write_text(meta_path, json.dumps(meta))  # after the weights: the metadata marks them complete

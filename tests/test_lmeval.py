@@ -52,6 +52,8 @@ def test_tasks_are_eebench_dev_splits_scored_by_eebench_rouge():
     load_dev, process_results = functions.load_dev, functions.process_results
     from eebench.tasks import get_task, load_split
 
+    alpaca = load_dev("alpaca", GENERATION)["test"]
+    assert alpaca["prompt"] == [e.prompt for e in load_split(get_task("alpaca"), "dev", GENERATION).examples]
     rows = load_dev("xsum", GENERATION)["test"]
     dev = load_split(get_task("xsum"), "dev", GENERATION)
     assert len(rows) == len(dev) == 500

@@ -127,6 +127,7 @@ def run_lm_eval(settings: LMEvalSettings, progress: bool = True, log=print) -> p
     from eebench.lmeval.model import EEBenchLM
     from eebench.runner import _digest, prepare_job
     from eebench.store import ResultsStore, check_one_commit
+    from eebench.timing import load_average
 
     job = checkpoint_job(settings.method, settings.method_config, settings.suite, settings.backbone, settings.seed,
                          settings.device, settings.data_dir)
@@ -153,11 +154,11 @@ def run_lm_eval(settings: LMEvalSettings, progress: bool = True, log=print) -> p
         label = knob_label(knob)
         log(f"lm-eval at {label}: {', '.join(pending)}")
         model = EEBenchLM.from_prepared(prepared, knob, settings.batch_size)
-        started = time.perf_counter()
+        load, started = load_average(), time.perf_counter()
         with _lm_eval_errors_only():
             results = simple_evaluate(model=model, tasks=list(pending), task_manager=manager, limit=settings.limit,
                                       apply_chat_template=chat, log_samples=True, bootstrap_iters=1000)
-        runs[label] = (knob, model.log, results, time.perf_counter() - started)
+        runs[label] = (knob, model.log, results, time.perf_counter() - started, load)
         _write_lm_eval_output(out / "lm_eval" / _slug(label), results)
     frames = []
     for task in pending:
@@ -176,19 +177,19 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
     from eebench.evaluation.generation import point_costs
     from eebench.methods.protocol import config_dict
     from eebench.metrics.generation import generation_metrics
-    from eebench.timing import Timed, load_average, timing_fields
+    from eebench.timing import Timed, timing_fields
 
     backbone, method, job = prepared.backbone, prepared.method, prepared.job
     per_knob = {}
-    for label, (knob, log, results, _) in runs.items():
+    for label, (knob, log, results, _, load) in runs.items():
         samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
         stats = [log.requests.get((task, s["doc_id"])) for s in samples]
         if any(s is None for s in stats):
             raise RuntimeError(f"{task} at {label}: lm-eval answered {sum(s is None for s in stats)} request(s) "
                                "without calling the model (a response cache?); run without lm-eval's --use_cache")
-        per_knob[label] = (knob, samples, stats, results, log)
+        per_knob[label] = (knob, samples, stats, results, log, load)
     full_label = next(iter(runs))
-    _, full_samples, full_stats, _, _ = per_knob[full_label]
+    _, full_samples, full_stats, _, _, _ = per_knob[full_label]
     full_costs = point_costs(_costs_input(full_stats), backbone.info)
     full_tps = full_costs["tokens"] / sum(s.seconds for s in full_stats)
     curve = method.curve_name() if callable(getattr(method, "curve_name", None)) else job.method
@@ -203,7 +204,7 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
             "batch_size": settings.batch_size, "limit": settings.limit, "chat_template": identity["chat_template"],
             "n_selection_examples": 0, "n_points": len(runs)}
     records, rows = [], []
-    for label, (knob, samples, stats, results, log) in per_knob.items():
+    for label, (knob, samples, stats, results, log, load) in per_knob.items():
         texts = [s.text for s in stats]
         references = [s["target"] for s in samples]
         scores, _ = generation_metrics(texts, references, [s.text for s in full_stats], [s.tokens for s in stats],
@@ -214,7 +215,7 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
         tokens_per_second = totals["tokens"] / sum(s.seconds for s in stats)
         saved = backbone.num_layers * totals["tokens"] / totals["layers"]
         timing = timing_fields(Timed((sum(s.seconds for s in stats),)), Timed((sum(s.seconds for s in full_stats),)),
-                               saved, load_average(), wallclock_speedup=tokens_per_second / full_tps)
+                               saved, load, wallclock_speedup=tokens_per_second / full_tps)
         records.append({
             **base, "knob": knob or {}, "knob_label": label, "is_full_model": knob is None, "metric": lm_eval_rouge,
             "metrics": {"rougeL": lm_eval_rouge, "consistency_rougeL": float(np.mean(scores["consistency_rougeL"])),
@@ -226,7 +227,7 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
             "flops_speedup": (full_costs["flops"] / full_costs["tokens"]) / (totals["flops"] / totals["tokens"]),
             "mean_gflops_per_token": totals["flops"] / totals["tokens"] / 1e9,
             "mean_generated_tokens": totals["tokens"] / len(stats), "tokens_per_second": tokens_per_second,
-            "full_tokens_per_second": full_tps, "lm_eval_seconds": runs[label][3],
+            "full_tokens_per_second": full_tps, "lm_eval_seconds": runs[label][3],  # load_average: as it started
             "loglikelihood_requests": log.loglikelihood_requests, **timing})
         rows.append(pd.DataFrame({
             "job_id": job_id, "knob_label": label, "split": "dev", "example": [s["doc_id"] for s in samples],
