@@ -151,6 +151,7 @@ def test_sweep_writes_lm_eval_results_and_records_with_exit_layers(prepared, cac
         lm_eval = json.loads((out / "lm_eval" / record.knob_label.replace("=", "_").replace(" ", "_") /
                               "results.json").read_text())
         assert record.metric == pytest.approx(lm_eval["results"]["eebench-xsum"]["rougeL,none"])
+        assert lm_eval["configs"]["eebench-xsum"]["metadata"]["config_source"] == "eebench/lmeval/tasks/eebench-xsum.yaml"
         assert record.metric == pytest.approx(record.eebench_rougeL)
     assert (out / "lm_eval" / "full_model" / "samples_eebench-xsum.jsonl").read_text().count("\n") == 3
     assert examples.groupby("knob_label")["lm_eval_rougeL"].mean().to_dict() == pytest.approx(

@@ -277,7 +277,11 @@ def _write_lm_eval_output(folder: Path, results: dict) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in results.items() if key != "samples"}
-    atomic_write_text(folder / "results.json", json.dumps(summary, indent=2, default=handle_non_serializable))
+    text = json.dumps(summary, indent=2, default=handle_non_serializable)
+    # lm-eval records each task's YAML as an absolute path (`config_source`); this machine's path means nothing
+    # elsewhere, so the package-relative one is stored.
+    text = text.replace(json.dumps(str(TASKS_DIR))[1:-1], "eebench/lmeval/tasks")
+    atomic_write_text(folder / "results.json", text)
     for task, samples in results.get("samples", {}).items():
         lines = [json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) for sample in samples]
         atomic_write_text(folder / f"samples_{task}.jsonl", "\n".join(lines) + "\n")
