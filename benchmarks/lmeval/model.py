@@ -23,7 +23,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from eebench.methods.decoding import DecodeLimits
-from eebench.methods.protocol import Knob, PromptBatch
+from eebench.methods.protocol import Knob
 
 MAX_PROMPT_TOKENS = 1024  # as `eebench run` (evaluation/generation.py): the prompt's end is kept
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task sets no max_gen_toks
@@ -158,12 +158,12 @@ class EEBenchLM(LM):
         return DecodeLimits(max_new, frozenset(self.backbone.stop_token_ids()), tuple(s for s in until if s))
 
     def _generate(self, prompts: Sequence[list[int]], limits: DecodeLimits) -> list[RequestStats]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
-        batch = PromptBatch(ids.to(self._device), mask.to(self._device), limits, torch.arange(len(prompts)))
+        from eebench.evaluation.generation import (
+            prompt_batches,  # the left padding `eebench run` decodes with
+        )
+
+        batch, = prompt_batches(list(prompts), list(range(len(prompts))), len(prompts), self.tokenizer.pad_token_id,
+                                limits, self._device)
         started = time.perf_counter()
         with torch.inference_mode():
             out = self.method.generate(batch, self.knob)
