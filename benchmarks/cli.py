@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, help="override the suite's fine-tuning epochs")
     run.add_argument("--timing-examples", type=int, help="dev examples used for wall-clock timing")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
+    run.add_argument("--exit-decision", choices=("now", "late"),
+                     help="layer-wise exits: 'now' decides after each layer (default); 'late' queues the next layer "
+                          "before reading the decision (no per-layer host sync on a GPU; an exit costs one more layer)")
     run.add_argument("--cache-dir", help="fine-tuned checkpoint cache (default $EEBENCH_CACHE or .eebench_cache)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--allow-mixed-commits", action="store_true",
@@ -213,6 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = replace(suite, train=replace(suite.train, epochs=args.epochs))
     if args.timing_examples is not None:
         suite = replace(suite, eval=replace(suite.eval, timing_examples=args.timing_examples))
+    if args.exit_decision is not None:
+        suite = replace(suite, eval=replace(suite.eval, exit_decision=args.exit_decision))
     out = Path(args.out or f"runs/{suite.name}")
     jobs = suite.jobs(_device(args.device))
     print(f"eebench run: {len(jobs)} job(s) of suite '{suite.name}' -> {out}")

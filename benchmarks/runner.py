@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import torch
@@ -39,6 +39,8 @@ from eebench.training import LoopTrainer, StageCache, TrainConfig, train_setting
 if TYPE_CHECKING:
     from eebench.executors import Executor
 
+ExitDecision = Literal["now", "late"]
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -52,6 +54,10 @@ class EvalConfig:
     timing_repeats: int = 3
     timing_warmup: int = 1
     timing_sample: TimingSample = "random"
+    # "now": decide after each layer's head before the next layer (the papers' loop, a host sync per layer on a
+    # GPU); "late": decide one layer late, the next layer queued first (layer-wise methods; an exiting example
+    # is charged the extra layer: `MultiExitModel._early_exit_late`). Quality and costs follow the mode.
+    exit_decision: ExitDecision = "now"
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class Job:
                 del settings[optional]  # absent, not null: job ids from before the setting existed hold
         if settings["eval"]["timing_sample"] == "first":
             del settings["eval"]["timing_sample"]  # what every job timed before the setting existed
+        if settings["eval"]["exit_decision"] == "now":
+            del settings["eval"]["exit_decision"]  # likewise
         return settings
 
     @property
@@ -308,6 +316,11 @@ def validate_jobs(jobs: list[Job]) -> None:
         except UnsupportedTaskError:
             continue
         try:
+            if job.eval.exit_decision == "late" and (is_decoder_name(job.backbone)
+                                                     or get_method_class(job.method).granularity != "layer"):
+                raise ValueError(f"exit_decision 'late' is for layer-wise methods on encoder backbones; "
+                                 f"{job.method} ({get_method_class(job.method).granularity}-wise) on {job.backbone} "
+                                 "decides otherwise: drop --exit-decision late for it")
             build_method(job.method, **job.method_config)
             data_key = (job.task, job.train_task, job.data_dir, job.train_limit, job.eval_limit,
                         job.selection_examples, job.seed)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eebench.methods.deebert import ENTROPY_GRID, entropy_rule, two_stage_fit
-from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, exit_loss
+from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, exit_loss, sigmoid_row
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
 ROUTINES = ("alternate-lte", "alternate", "two_stage", "all", "weight-linear", "self_distil", "limit")
@@ -55,6 +55,10 @@ class LTERule:
     def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
         return torch.sigmoid(self.lte(pooled)).squeeze(-1) < self.threshold, state
+
+    def decide_row(self, layer: int, logits: None, state: dict, pooled: torch.Tensor) -> bool:
+        """`decide` for one example: one matvec, one host read, the sigmoid on a Python float."""
+        return sigmoid_row(float(self.lte(pooled))) < self.threshold
 
 
 class BERxiT:

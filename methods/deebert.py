@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eebench.methods.exits import ExitHead, MultiExitModel, StatelessRule, entropy, exit_loss
+from eebench.methods.exits import ExitHead, MultiExitModel, StatelessRule, entropy, entropy_row, exit_loss
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
 # scripts/eval_entropy.sh of the original repository.
@@ -42,7 +42,8 @@ class DeeBERTConfig:
 
 def entropy_rule(threshold: float) -> StatelessRule:
     """Exit when H(softmax(z_i)) < S. S = 0 never exits (entropy >= 0 and the test is strict)."""
-    return StatelessRule(lambda layer, logits: entropy(logits) < threshold)
+    return StatelessRule(lambda layer, logits: entropy(logits) < threshold,
+                         lambda layer, logits: entropy_row(logits) < threshold)
 
 
 class DeeBERT:

@@ -7,8 +7,9 @@ costs what its examples cost, and no example's exit depends on the others in its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,11 +37,29 @@ class ExitRule(Protocol):
         ...
 
 
-class StatelessRule:
-    """An exit rule that looks only at the current layer's logits: `should_exit(layer, logits) -> (b,) bool`."""
+class RowRule(ExitRule, Protocol):
+    """An exit rule with a second, scalar form of the same decision for a batch of ONE example (optional).
 
-    def __init__(self, should_exit: Callable[[int, torch.Tensor], torch.Tensor]):
+    Why: at batch size 1 on a CPU each small tensor op costs 10-20 us inside the layer loop (measured with
+    benchmarks/micro/profile_exit.py), so a rule's 5-8 ops per layer were ~2.5 % of a point that exits nowhere;
+    the same arithmetic on Python floats costs ~1 us. `early_exit` uses `decide_row` whenever the batch has
+    one example; both forms must agree (tests/test_exits.py checks every built-in rule against `decide`)."""
+
+    def decide_row(self, layer: int, logits: list[float] | None, state: dict, pooled: torch.Tensor) -> bool:
+        """layer 1..L-1; logits: the C logits of the one example as floats (None when `reads_logits` is
+        False); state: a plain dict owned by the rule for this example (starts empty, mutate it); pooled (1, d)."""
+        ...
+
+
+class StatelessRule:
+    """An exit rule that looks only at the current layer's logits: `should_exit(layer, logits) -> (b,) bool`,
+    and optionally its scalar twin `should_exit_row(layer, logits: list[float]) -> bool` (see `RowRule`)."""
+
+    def __init__(self, should_exit: Callable[[int, torch.Tensor], torch.Tensor],
+                 should_exit_row: Callable[[int, list[float]], bool] | None = None):
         self.should_exit = should_exit
+        if should_exit_row is not None:
+            self.decide_row = lambda layer, logits, state, pooled: should_exit_row(layer, logits)
 
     def start(self, batch_size: int, device: torch.device) -> RuleState:
         return {}
@@ -69,8 +88,10 @@ class ExitHead(nn.Module):
         self.signal = signal
 
     def pool(self, summary: torch.Tensor) -> torch.Tensor:
-        """summary (B, d) -> pooled (B, d), after dropout (active in training only)."""
-        return self.dropout(self.pooler(summary))
+        """summary (B, d) -> pooled (B, d), after dropout (active in training only; skipped in eval, where it is
+        the identity, because a module call per layer is measurable at batch size 1)."""
+        pooled = self.pooler(summary)
+        return self.dropout(pooled) if self.training else pooled
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
         """summary (B, d) -> logits (B, C)."""
@@ -118,6 +139,9 @@ class MultiExitModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleList(heads)
         self.extras = nn.ModuleDict(extras or {})  # a method's other modules, saved and moved with the model
+        # 0: decide after each layer's head before the next layer starts (the papers' loop). 1: decide one layer
+        # late (see `early_exit`); set by `set_decision_lag`, honoured by `early_exit` AND `replay`.
+        self.decision_lag = 0
         head_macs = torch.tensor([float(h.macs()) for h in heads], dtype=torch.float64)
         # cumulative_head_macs[i-1] = MACs of heads 1..i, what an example exiting at layer i paid in heads.
         self.register_buffer("cumulative_head_macs", head_macs.cumsum(0), persistent=False)
@@ -178,47 +202,82 @@ class MultiExitModel(nn.Module):
         op costs about as much as a few thousand MACs: the summary weights are computed once per batch; a
         rule with `reads_logits = False` (it reads the pooled vector only) gets no per-layer classifier, which
         then runs only for the rows that exit; and when rows leave, trailing columns that are padding for
-        every remaining row are cut, so the survivors stop paying for a long example that already left."""
+        every remaining row are cut, so the survivors stop paying for a long example that already left.
+
+        `decision_lag` 1 (for accelerators): the decision taken on head i is read back (an asynchronous copy of
+        the exit mask) only once layer i+1 is queued, so the device never waits for the host between layers;
+        the papers' loop reads every layer's decision before the next layer, a device-to-host sync per layer.
+        The price: an example that exits on head i also runs layer i+1. It is charged for it (exit_layer = i+1,
+        the layers executed, so FLOPs and saved layers follow), its answer is head i's, and head i+1 is never
+        evaluated for it; an example deciding at layer L-1 runs layer L as it would anyway."""
         hidden, bias = self._embed(batch)
         mask = batch["attention_mask"]
         weights = self.backbone.summary_weights(mask, hidden.dtype)
+        reads_logits = getattr(rule, "reads_logits", True)
+        if hidden.shape[0] == 1 and hasattr(rule, "decide_row") and not self.decision_lag:
+            return self._early_exit_one(hidden, bias, weights, rule, reads_logits)
         size, device = hidden.shape[0], hidden.device
         last = self.num_layers
-        reads_logits = getattr(rule, "reads_logits", True)
-        active = torch.arange(size, device=device)
-        exit_layer = torch.full((size,), last, dtype=torch.long, device=device)
-        logits_out: torch.Tensor | None = None
-        state = rule.start(size, device)
+        running = _Running(hidden, bias, mask, weights, torch.arange(size, device=device), rule.start(size, device))
+        exits = _Exits(torch.full((size,), last, dtype=torch.long, device=device))
+        pending: _Decision | None = None
+        for layer in range(1, last + 1):
+            running.hidden = self.backbone.layer(layer, running.hidden, running.bias)
+            if pending is not None:  # decision_lag 1: the previous layer's decision, read now that this one is queued
+                self._leave(running, exits, pending, executed=layer)
+                pending = None
+                if running.empty:
+                    break
+            head = self.heads[layer - 1]
+            pooled = head.pool(self.backbone.summarize_weighted(running.hidden, running.weights))
+            if layer == last:
+                exits.answer(running.active, head.classifier(pooled), size)
+                break
+            logits = head.classifier(pooled) if reads_logits else None
+            exit_now, running.state = rule.decide(layer, logits, running.state, pooled)
+            pending = _Decision(layer, _HostCopy(exit_now), logits, pooled)
+            if not self.decision_lag:  # the papers' loop: the one host sync per layer that a decision needs
+                self._leave(running, exits, pending, executed=layer)
+                pending = None
+                if running.empty:
+                    break
+        assert exits.logits is not None
+        return ExitOutput(logits=exits.logits, exit_layer=exits.exit_layer,
+                          head_macs=self.cumulative_head_macs.to(device)[exits.head_layer - 1])
+
+    def _leave(self, running: _Running, exits: _Exits, decision: _Decision, executed: int) -> None:
+        """Rows that `decision` sends out leave `running`, answered by the head of `decision.layer` and charged
+        `executed` layers; the survivors are compacted (and their common trailing padding cut)."""
+        leaving_rows = decision.exit_mask.get()
+        if not bool(leaving_rows.any()):
+            return
+        device = running.hidden.device
+        leaving = leaving_rows.nonzero().squeeze(1).to(device, non_blocking=True)
+        exiting = (decision.logits[leaving] if decision.logits is not None
+                   else self.heads[decision.layer - 1].classifier(decision.pooled[leaving]))
+        exits.answer(running.active[leaving], exiting, exits.exit_layer.shape[0], executed, decision.layer)
+        if len(leaving) < len(leaving_rows):
+            running.keep((~leaving_rows).nonzero().squeeze(1).to(device, non_blocking=True), self.backbone)
+        else:
+            running.active = running.active[:0]
+
+    def _early_exit_one(self, hidden: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor | None,
+                        rule: RowRule, reads_logits: bool) -> ExitOutput:
+        """`early_exit` for a batch of one example (hidden (1, S, d)) with the rule's scalar `decide_row`: per
+        layer, the layer, the head and one host read of C floats, nothing else."""
+        state: dict = {}
+        last = self.num_layers
         for layer in range(1, last + 1):
             hidden = self.backbone.layer(layer, hidden, bias)
             head = self.heads[layer - 1]
             pooled = head.pool(self.backbone.summarize_weighted(hidden, weights))
-            if layer == last:
-                logits = head.classifier(pooled)
-                if logits_out is None:  # nobody exited before the last layer: the batch never shrank
-                    logits_out = logits
-                else:
-                    logits_out[active] = logits
+            logits = head.classifier(pooled) if reads_logits or layer == last else None
+            if layer == last or rule.decide_row(layer, None if logits is None else logits.tolist()[0], state, pooled):
                 break
-            logits = head.classifier(pooled) if reads_logits else None
-            exit_now, state = rule.decide(layer, logits, state, pooled)
-            if bool(exit_now.any()):  # the one host sync per layer that an exit decision needs
-                done = active[exit_now]
-                exiting = logits[exit_now] if logits is not None else head.classifier(pooled[exit_now])
-                if logits_out is None:
-                    logits_out = exiting.new_empty(size, exiting.shape[-1])
-                logits_out[done] = exiting
-                exit_layer[done] = layer
-                keep = ~exit_now
-                if not bool(keep.any()):
-                    break
-                hidden, bias, mask, active = hidden[keep], bias[keep], mask[keep], active[keep]
-                state = {key: value[keep] for key, value in state.items()}
-                hidden, bias, mask = _cut_trailing_padding(hidden, bias, mask)
-                weights = self.backbone.summary_weights(mask, hidden.dtype)
-        assert logits_out is not None
-        return ExitOutput(logits=logits_out, exit_layer=exit_layer,
-                          head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
+        if logits is None:  # a pooled-only rule fired: the classifier runs for the exiting example only
+            logits = head.classifier(pooled)
+        return ExitOutput(logits=logits, exit_layer=torch.full((1,), layer, dtype=torch.long, device=logits.device),
+                          head_macs=self.cumulative_head_macs[layer - 1:layer].to(logits.device))
 
     def trace(self, batch: Batch) -> LayerTrace:
         """One full pass recording every head (the whole curve's raw material; see `replay`)."""
@@ -235,7 +294,8 @@ class MultiExitModel(nn.Module):
     def replay(self, trace: LayerTrace, rule: ExitRule | None) -> ExitOutput:
         """What `early_exit(batch, rule)` returns, computed from a trace without running any layer; rule None
         gives `full(batch)`. Rules see every row at every layer (decisions are per example, so rows that
-        already exited do not change anyone else's) and the first exit of each row counts."""
+        already exited do not change anyone else's) and the first exit of each row counts. With
+        `decision_lag` 1 an exit decided at layer i executes layer i+1 (see `early_exit`)."""
         last = self.num_layers
         size, device = trace.logits[0].shape[0], trace.logits[0].device
         exit_layer = torch.full((size,), last, dtype=torch.long, device=device)
@@ -251,8 +311,102 @@ class MultiExitModel(nn.Module):
             logits_out[newly] = trace.logits[layer - 1][newly]
             exit_layer[newly] = layer
             done |= exit_now
-        return ExitOutput(logits=logits_out, exit_layer=exit_layer,
-                          head_macs=self.cumulative_head_macs.to(device)[exit_layer - 1])
+        head_macs = self.cumulative_head_macs.to(device)[exit_layer - 1]
+        if self.decision_lag:
+            exit_layer = (exit_layer + self.decision_lag).clamp_max(last)
+        return ExitOutput(logits=logits_out, exit_layer=exit_layer, head_macs=head_macs)
+
+
+class _HostCopy:
+    """A device tensor's copy on the host, started without waiting: on CUDA a non-blocking copy into pinned
+    memory plus an event, so that `get()` waits for the copy alone, not for the work queued after it. On the
+    CPU the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        self._host = tensor
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def get(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+
+@dataclass
+class _Running:
+    """The rows of a batch still running: hidden (b, S, d), bias (b, ...) and mask (b, S), the summary weights,
+    `active` (b,) their rows in the original batch, and the exit rule's state."""
+
+    hidden: torch.Tensor
+    bias: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor | None
+    active: torch.Tensor
+    state: RuleState
+
+    @property
+    def empty(self) -> bool:
+        return self.active.shape[0] == 0
+
+    def keep(self, rows: torch.Tensor, backbone: nn.Module) -> None:
+        """Keep only `rows` (indices into the running rows), then cut the padding that none of them needs."""
+        self.hidden, self.bias, self.mask, self.active = (t.index_select(0, rows)
+                                                          for t in (self.hidden, self.bias, self.mask, self.active))
+        self.state = {key: value.index_select(0, rows) for key, value in self.state.items()}
+        self.hidden, self.bias, self.mask = _cut_trailing_padding(self.hidden, self.bias, self.mask)
+        self.weights = backbone.summary_weights(self.mask, self.hidden.dtype)
+
+
+@dataclass
+class _Exits:
+    """What early exit answers for the whole batch: exit_layer (B,) layers executed, head_layer (B,) whose head
+    answered (what the heads cost), logits (B, C), filled in as rows leave."""
+
+    exit_layer: torch.Tensor
+    head_layer: torch.Tensor = field(init=False)
+    logits: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.head_layer = self.exit_layer.clone()
+
+    def answer(self, rows: torch.Tensor, logits: torch.Tensor, size: int, executed: int | None = None,
+               head_layer: int | None = None) -> None:
+        """`rows` (original indices) are answered by `logits`; executed / head_layer None: the last layer's,
+        which exit_layer and head_layer already hold."""
+        if self.logits is None and len(rows) == size:  # everyone at once and nobody before: rows are 0..B-1
+            self.logits = logits
+        else:
+            if self.logits is None:
+                self.logits = logits.new_empty(size, logits.shape[-1])
+            self.logits[rows] = logits
+        if executed is not None:
+            self.exit_layer[rows], self.head_layer[rows] = executed, head_layer
+
+
+@dataclass
+class _Decision:
+    """An exit decision taken after `layer`'s head, its mask on its way to the host, and what the leavers need."""
+
+    layer: int
+    exit_mask: _HostCopy
+    logits: torch.Tensor | None
+    pooled: torch.Tensor
+
+
+def set_decision_lag(model: nn.Module, lag: int) -> int:
+    """Make every `MultiExitModel` inside `model` decide `lag` layers late (0 or 1; see
+    `MultiExitModel.early_exit`). Returns how many it set: 0 means the method has no layer-wise exits."""
+    if lag not in (0, 1):
+        raise ValueError(f"decision lag must be 0 (decide after each layer) or 1 (one layer late), got {lag}")
+    found = [module for module in model.modules() if isinstance(module, MultiExitModel)]
+    for module in found:
+        module.decision_lag = lag
+    return len(found)
 
 
 def _cut_trailing_padding(hidden: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor
@@ -276,3 +430,21 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) in nats, (B, C) -> (B,); not normalised by ln C."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def entropy_row(logits: Sequence[float]) -> float:
+    """`entropy` of one example's C logits as Python floats (double precision): H = log sum_j e^(z_j - m) -
+    sum_j p_j (z_j - m), m = max z, which never overflows."""
+    top = max(logits)
+    shifted = [value - top for value in logits]
+    weights = [math.exp(value) for value in shifted]
+    total = sum(weights)
+    return math.log(total) - sum(w * value for w, value in zip(weights, shifted, strict=True)) / total
+
+
+def sigmoid_row(value: float) -> float:
+    """sigmoid of a Python float without overflow for large |value|."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exp = math.exp(value)
+    return exp / (1.0 + exp)

@@ -46,6 +46,20 @@ class PatienceRule:
         counter = torch.where(same, state["counter"] + 1, torch.zeros_like(state["counter"]))
         return counter >= self.patience, {"counter": counter, "previous": current}
 
+    def decide_row(self, layer: int, logits: list[float], state: dict, pooled=None) -> bool:
+        """`decide` for one example on Python floats (argmax: the first maximum, as torch's)."""
+        current = logits[0] if self.regression_threshold is not None else logits.index(max(logits))
+        previous = state.get("previous")
+        if previous is None:
+            same = False
+        elif self.regression_threshold is not None:
+            same = abs(current - previous) < self.regression_threshold
+        else:
+            same = current == previous
+        state["counter"] = state.get("counter", 0) + 1 if same else 0
+        state["previous"] = current
+        return state["counter"] >= self.patience
+
 
 def layer_weighted_loss(model: MultiExitModel, batch: Batch, kind: str) -> torch.Tensor:
     """sum_j j * loss_j / sum_j j over every exit j = 1..L (also ConsistentEE's stage 1)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eebench.methods.exits import RuleState, entropy
+from eebench.methods.exits import RuleState, entropy, entropy_row
 from eebench.methods.pabee import PABEE
 from eebench.methods.protocol import Batch, ExitOutput, Knob
 
@@ -43,6 +43,12 @@ class ConfidenceStreakRule:
         confident = entropy(logits) / self.log_classes < self.threshold
         streak = torch.where(confident, state["streak"] + 1, torch.zeros_like(state["streak"]))
         return streak >= self.patience, {"streak": streak}
+
+    def decide_row(self, layer: int, logits: list[float], state: dict, pooled=None) -> bool:
+        """`decide` for one example on Python floats."""
+        confident = entropy_row(logits) / self.log_classes < self.threshold
+        state["streak"] = state.get("streak", 0) + 1 if confident else 0
+        return state["streak"] >= self.patience
 
 
 class PCEE(PABEE):

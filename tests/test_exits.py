@@ -103,3 +103,50 @@ def test_center_regression_heads_sets_one_output_heads_only():
     assert center_regression_heads(model, 2.7) == 4
     assert all(h.classifier.bias.item() == pytest.approx(2.7) for h in regression)
     assert torch.equal(classification.classifier.bias, torch.zeros(3))
+
+
+def _row_rule_cases():
+    from torch import nn
+
+    from eebench.methods.berxit import LTERule
+    from eebench.methods.consistentee.classification import PolicyRule, policy_net
+    from eebench.methods.deebert import entropy_rule
+    from eebench.methods.pabee import PatienceRule
+    from eebench.methods.pcee import ConfidenceStreakRule
+
+    torch.manual_seed(0)
+    lte = nn.Linear(8, 1)
+    heads = nn.ModuleList([ExitHead(nn.Identity(), 8, 3, 0.0, 0.02, signal=policy_net(8, 4, 0.5)) for _ in range(6)])
+    return {
+        "entropy": entropy_rule(0.9), "patience": PatienceRule(2, None), "patience-regression": PatienceRule(2, 0.3),
+        "confident-streak": ConfidenceStreakRule(2, 0.8, 3), "lte": LTERule(lte, 0.5), "policy": PolicyRule(heads, 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(_row_rule_cases()))
+def test_scalar_row_decisions_equal_the_tensor_rule(name):
+    """`decide_row` (the batch-of-one path) and `decide` give the same exits on the same per-layer inputs, over
+    many random examples, including argmax ties, huge logits (overflow) and pooled vectors far from zero."""
+    rule = _row_rule_cases()[name]
+    generator = torch.Generator().manual_seed(2)
+    rows, layers = 200, 5
+    logits = torch.randn(layers, rows, 3, generator=generator) * torch.tensor([0.3, 3.0, 300.0]).repeat_interleave(
+        rows // 3 + 1)[:rows, None]
+    logits[:, :20] = logits[:, :20].round()  # ties between classes and across layers
+    pooled = torch.randn(layers, rows, 8, generator=generator) * 4
+    state = rule.start(rows, torch.device("cpu"))
+    batched = torch.zeros(rows, dtype=torch.long)
+    with torch.inference_mode():
+        for layer in range(1, layers + 1):
+            exit_now, state = rule.decide(layer, logits[layer - 1], state, pooled[layer - 1])
+            batched[(batched == 0) & exit_now] = layer
+        reads_logits = getattr(rule, "reads_logits", True)
+        for row in range(rows):
+            row_state, alone = {}, 0
+            for layer in range(1, layers + 1):
+                row_logits = logits[layer - 1, row].tolist() if reads_logits else None
+                if rule.decide_row(layer, row_logits, row_state, pooled[layer - 1, row:row + 1]):
+                    alone = layer
+                    break
+            assert alone == batched[row].item(), (name, row)
+    assert 0 < (batched > 0).sum() < rows  # the cases exercise both outcomes

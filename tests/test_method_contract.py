@@ -127,6 +127,8 @@ def test_batched_exits_equal_one_at_a_time(trained):
                 alone = method.predict(collate(dev, [i], pad, "cpu"), knob)
                 assert alone.exit_layer.item() == together.exit_layer[i].item(), (knob, i)
                 torch.testing.assert_close(alone.logits[0], together.logits[i], rtol=1e-4, atol=1e-4)
+                # a batch of one takes the rules' scalar path (`decide_row`): it must charge the same heads
+                assert alone.head_macs.item() == together.head_macs[i].item(), (knob, i)
 
 
 def test_mean_pooling_exits_do_not_depend_on_padding():

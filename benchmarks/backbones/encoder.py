@@ -68,10 +68,10 @@ class VectorPooler(nn.Module):
     def __init__(self, dense: nn.Linear):
         super().__init__()
         self.dense = dense
-        self.activation = nn.Tanh()
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(summary))
+        # F.linear + torch.tanh rather than two module calls: at batch size 1 each call is measurable per layer.
+        return torch.tanh(nn.functional.linear(summary, self.dense.weight, self.dense.bias))
 
 
 class EncoderBackbone(nn.Module):
@@ -189,19 +189,20 @@ class EncoderBackbone(nn.Module):
         return self.summarize_weighted(hidden, self.summary_weights(attention_mask, hidden.dtype))
 
     def summary_weights(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Per-token weights (B, S, 1) of the mean over real tokens (None for "cls" pooling). Early exit
+        """Per-token weights (B, 1, S) of the mean over real tokens (None for "cls" pooling). Early exit
         computes them once per batch instead of once per layer: mean pooling's 7 small ops per layer were a
         visible part of the batch-size-1 per-layer overhead."""
         if self.pooling == "cls":
             return None
-        weights = attention_mask.to(dtype).unsqueeze(-1)
-        return weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+        weights = attention_mask.to(dtype).unsqueeze(1)
+        return weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
 
     def summarize_weighted(self, hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """`summarize` with weights from `summary_weights` (same numbers: every path uses this one)."""
+        """`summarize` with weights from `summary_weights` (same numbers: every path uses this one). The mean
+        is one batched matmul (B, 1, S) @ (B, S, d), not multiply-then-sum: one op per layer instead of two."""
         if weights is None:
             return hidden[:, 0]
-        return (hidden * weights).sum(1)
+        return torch.bmm(weights, hidden).squeeze(1)
 
     def forward_all(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """All L layers; returns the last hidden states (B, S, d). Used by plain full-model training."""

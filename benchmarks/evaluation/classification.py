@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from eebench import costs
 from eebench.methods import check_exit_output
-from eebench.methods.exits import MultiExitModel, center_regression_heads
+from eebench.methods.exits import MultiExitModel, center_regression_heads, set_decision_lag
 from eebench.methods.protocol import ProtocolError
 from eebench.metrics import compute_metrics, predictions_from_logits, trivial_floor
 from eebench.timing import (
@@ -157,6 +157,9 @@ def evaluate_classification(job, spec, method, model, backbone, data, base: dict
     labels = dev.labels.numpy()
     full_flops = costs.layerwise_flops(np.full(len(dev), num_layers), lengths, np.zeros(len(dev)),
                                        num_layers, info.hidden_size, info.intermediate_size)
+    if job.eval.exit_decision == "late" and not set_decision_lag(model, 1):
+        raise ValueError(f"exit_decision 'late' needs layer-wise exits (a MultiExitModel); {job.method} has none: "
+                         "run it with --exit-decision now")
     knobs = method.knobs(spec, num_layers)
     points: list[dict | None] = [None, *knobs]
     with torch.inference_mode():

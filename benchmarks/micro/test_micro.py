@@ -4,9 +4,11 @@
     pytest-benchmark compare --group-by=name                         # compares the saved runs
 
 Backbone: $EEBENCH_BENCH_BACKBONE (default `minilm`, the offline MiniLM-L6); threads: torch's default.
-What they isolate: the cost of one transformer layer, what an exit head + exit decision adds to it, and
+What they isolate: the cost of one transformer layer, what an exit head + exit decision adds to it,
 batched early exit (exited rows leave the batch) against the full model at fixed exit distributions, so
-wall-clock realisation can be read without any training noise.
+wall-clock realisation can be read without any training noise, and (group "no-exit bs1") each layer-wise
+method's own network and rule at a setting that never exits, beside the full model: issue 18's target is
+full / no-exit >= 0.95 for every rule (`pytest-benchmark compare --group-by=group` shows the ratio).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import os
 
 import pytest
 import torch
+from profile_exit import RULES, build  # benchmarks/micro/profile_exit.py: one table of rules for both
 
 from eebench.backbones import load_backbone
 from eebench.methods.exits import ExitHead, MultiExitModel, RuleState
+from eebench.tasks import get_task
 
 SEQ_LEN = 32
 
@@ -94,3 +98,25 @@ def test_batched_early_exit(benchmark, model, batch_size, distribution):
         else:
             rule = FixedExits(_targets(distribution, batch_size, layers))
             benchmark(model.early_exit, batch, rule)
+
+
+@pytest.fixture(scope="module")
+def rule_networks() -> dict:
+    """Each rule on its own method's network (untrained; classifiers agree on class 0: see profile_exit.build)."""
+    backbone = load_backbone(os.environ.get("EEBENCH_BENCH_BACKBONE", "minilm"), seed=0)
+    spec = get_task("sst2")
+    return {rule: build(method_name, backbone, spec) for rule, (method_name, *_) in RULES.items()}
+
+
+@pytest.mark.parametrize("rule", ["full-model", *RULES])
+def test_no_exit_point_at_batch_size_one(benchmark, rule_networks, rule):
+    """A point that exits nowhere pays every head and decision and saves nothing: its time over the full model's
+    is the per-layer overhead at batch size 1 (the realization such a point gets is full / this)."""
+    benchmark.group = "no-exit bs1"
+    batch = _batch(next(iter(rule_networks.values()))[1], 1)
+    with torch.inference_mode():
+        if rule == "full-model":
+            benchmark(next(iter(rule_networks.values()))[1].full, batch)
+        else:
+            method, model = rule_networks[rule]
+            benchmark(model.early_exit, batch, method.exit_rule(RULES[rule][1]))

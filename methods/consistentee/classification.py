@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.methods.exits import ExitHead, MultiExitModel, RuleState
+from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, sigmoid_row
 from eebench.methods.pabee import layer_weighted_loss
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
@@ -124,6 +124,10 @@ class PolicyRule:
     def decide(self, layer: int, logits: torch.Tensor, state: RuleState,
                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, RuleState]:
         return torch.sigmoid(self.heads[layer - 1].signal(pooled)).squeeze(-1) > self.threshold, state
+
+    def decide_row(self, layer: int, logits: None, state: dict, pooled: torch.Tensor) -> bool:
+        """`decide` for one example: the policy net, one host read, the sigmoid on a Python float."""
+        return sigmoid_row(float(self.heads[layer - 1].signal(pooled))) > self.threshold
 
 
 def policy_net(hidden_size: int, width: int, init_std: float) -> nn.Sequential:
