@@ -56,7 +56,7 @@ class EvalConfig:
     timing_sample: TimingSample = "random"
     # "now": decide after each layer's head before the next layer (the papers' loop, a host sync per layer on a
     # GPU); "late": decide one layer late, the next layer queued first (layer-wise methods; an exiting example
-    # is charged the extra layer: `MultiExitModel._early_exit_late`). Quality and costs follow the mode.
+    # is charged the extra layer: `MultiExitModel.early_exit`). Quality and costs follow the mode.
     exit_decision: ExitDecision = "now"
 
 

@@ -21,7 +21,7 @@ adjacent runs of ~10 ms see the same machine. Run it with every other process of
 Then a torch.profiler table of the entropy rule's no-exit run (self CPU time per op), so the remaining time has names.
 
 On a GPU (`--device cuda`) each timed call is bracketed by device syncs, and `--exit-decision late` times the
-one-layer-late decisions (`MultiExitModel._early_exit_late`: no host sync per layer; exit@k then runs k+1 layers).
+one-layer-late decisions (`MultiExitModel.early_exit`: no host sync per layer; exit@k then runs k+1 layers).
 """
 
 from __future__ import annotations
