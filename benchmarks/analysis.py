@@ -267,8 +267,9 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
     points = pd.concat([points_with_intervals(folder) for folder in folders], ignore_index=True)
     examples = _dev_rows(pd.concat([load_examples(folder) for folder in folders], ignore_index=True))
     if speedup not in points:
-        raise ValueError(f"unknown speed-up column {speedup!r}; choose from saved_layer_speedup, flops_speedup, "
-                         "wallclock_bs1, wallclock_bs8 (the batch sizes the jobs timed)")
+        walls = sorted((c for c in points if c.startswith("wallclock_bs")), key=lambda c: int(c[12:]))
+        raise ValueError(f"unknown speed-up column {speedup!r}; choose from saved_layer_speedup, flops_speedup"
+                         + "".join(f", {c}" for c in walls) + " (wall-clock: the batch sizes these jobs timed)")
     points = points[(points.task == task) & ~points.knob_label.str.startswith("full model")]
 
     def named(names: Sequence[str]) -> pd.Series:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -128,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--method", required=True, help="the method whose points are judged")
     compare.add_argument("--against", nargs="+", required=True, metavar="METHOD",
                          help="rival methods; a name also matches its variants (calm: calm[softmax], calm[oracle], ...)")
-    compare.add_argument("--speedup", default="saved_layer_speedup",
-                         choices=("saved_layer_speedup", "flops_speedup", "wallclock_bs1", "wallclock_bs8"))
+    compare.add_argument("--speedup", default="saved_layer_speedup", type=_speedup_column,
+                         help="saved_layer_speedup (default), flops_speedup, or wallclock_bs<N> for a timing batch "
+                              "size the jobs ran (classification suites: wallclock_bs1, wallclock_bs32)")
     lm = sub.add_parser("lm-eval", help="a decoder method at a sweep of operating points through lm-evaluation-harness: "
                                         "lm-eval's results and eebench's costs (per-request exit layers) in --out")
     lm.add_argument("--method", default="calm", help="a decoder method (calm, consistentee, a plugin)")
@@ -251,6 +253,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name,
                                     ci=args.ci)
     print(to_markdown(board))
+    if "differences" in board.attrs:
+        from eebench.differences import differences_markdown
+
+        print("\nWhich differences the intervals resolve (adjacent methods in each ranking):\n")
+        print(differences_markdown(board.attrs["differences"], adjacent_only=True))
     print(f"\nwritten to {path}")
     return 0
 
@@ -266,13 +273,20 @@ def cmd_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speedup_column(text: str) -> str:
+    if text in ("saved_layer_speedup", "flops_speedup") or re.fullmatch(r"wallclock_bs[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown speed-up {text!r}: use saved_layer_speedup, flops_speedup or "
+                                     "wallclock_bs<N> with a timing batch size, e.g. wallclock_bs32")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from eebench.analysis import compare_points
     from eebench.leaderboard import comparison_markdown
     table = compare_points(args.results, args.task, args.method, args.against, speedup=args.speedup)
     print(comparison_markdown(table, args.speedup))
-    print(f"\n95% percentile bootstrap over the {args.task} dev prompts both scored (1000 resamples, seed 0); the rival "
-          "is the best point at least as fast, picked on these same prompts (which favours the rivals).")
+    print(f"\n95% percentile bootstrap over the {args.task} dev examples both scored (1000 resamples, seed 0); the "
+          "rival is the best point at least as fast, picked on these same examples (which favours the rivals).")
     return 0
 
 

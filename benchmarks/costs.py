@@ -73,6 +73,9 @@ GLOSSARY: dict[str, str] = {
            "beyond its fastest point.",
     "standard_finetune_metric": "the task's plain fine-tune on the same backbone and seed (DeeBERT's full model), "
                                 "the second reference beside each method's own full model.",
+    "method difference": "score(A) - score(B), seed means; interval: percentiles over bootstrap draws r of "
+                         "mean_seeds score_r(A) - mean_seeds score_r(B), draw r resampling the same dev examples "
+                         "for every job of the task. 'resolved' = the interval excludes 0 and A > B in every seed.",
 }
 
 

@@ -274,25 +274,23 @@ CI_SCORES = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedu
              "heldout_pick_metric"]
 
 
-def leaderboard_intervals(
+def draw_seed_scores(
     records: pd.DataFrame,
     draws: dict[tuple[str, str], np.ndarray],
     speedup: str = "saved_layer_speedup",
     tolerance: float = 0.01,
     auc_range: tuple[float, float] = (1.0, 3.0),
     batch_size: int = 1,
-    confidence: float = 0.95,
 ) -> pd.DataFrame:
-    """Bootstrap intervals over dev examples of every leaderboard score: one row per (task, method, backbone)
-    with ``<score>_ci_low`` / ``<score>_ci_high`` for each of ``CI_SCORES``.
+    """Every leaderboard score of ``CI_SCORES`` per (task, method, backbone, seed) and bootstrap draw: one row
+    per (seed, draw) with columns ``SEED_KEYS``, ``draw`` and ``CI_SCORES``.
 
-    For each resample r every point's metric is replaced by its r-th draw (`analysis.bootstrap_draws`), the
+    For draw r every point's metric is replaced by its r-th resampled value (`analysis.bootstrap_draws`) and the
     per-seed scores are recomputed exactly as :func:`leaderboard` computes them (so "best metric at >= 1.5x"
-    re-picks its point per draw) and averaged over seeds; the interval is the percentile range of those r
-    values. Draws are paired across seeds, so this is the interval of the seed mean. Speed-ups stay at their
-    measured dev values: the interval is the metric's sampling noise, not the cost's."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    re-picks its point per draw). Speed-ups stay at their measured dev values: what varies is the metric's
+    sampling noise over dev examples, not the cost's. Draws share their resampled indices across the points,
+    jobs and seeds of a task, so any statistic built per draw from these rows (a seed mean, the difference
+    of two methods' seed means) is itself a paired bootstrap."""
     lo, hi = auc_range
     points = operating_points(records, batch_size)
     standards = _standard_finetunes(points)  # held at its dev value: a reference, not a score of the row
@@ -310,11 +308,36 @@ def leaderboard_intervals(
         per_seed.append(pd.DataFrame([{**dict(zip(SEED_KEYS, key, strict=True)), "draw": r,
                                        **{c: s[c] for c in CI_SCORES}} for r, s in enumerate(scores)]))
     if not per_seed:
+        return pd.DataFrame(columns=[*SEED_KEYS, "draw", *CI_SCORES])
+    return pd.concat(per_seed, ignore_index=True)
+
+
+def draw_seed_means(per_draw: pd.DataFrame) -> pd.DataFrame:
+    """:func:`draw_seed_scores` averaged over seeds: indexed by (task, method, backbone, draw). As in
+    :func:`leaderboard`, a seed mean is NaN when any seed lacks the score in that draw."""
+    grouped = per_draw.groupby([*ROW_KEYS, "draw"])[CI_SCORES]
+    return grouped.mean().where(grouped.count().eq(grouped.size(), axis=0))
+
+
+def leaderboard_intervals(
+    records: pd.DataFrame,
+    draws: dict[tuple[str, str], np.ndarray],
+    speedup: str = "saved_layer_speedup",
+    tolerance: float = 0.01,
+    auc_range: tuple[float, float] = (1.0, 3.0),
+    batch_size: int = 1,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Bootstrap intervals over dev examples of every leaderboard score: one row per (task, method, backbone)
+    with ``<score>_ci_low`` / ``<score>_ci_high`` for each of ``CI_SCORES``: the percentile range over draws of
+    the seed mean of :func:`draw_seed_scores`. Draws are paired across seeds, so this is the interval of the
+    seed mean."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    per_draw = draw_seed_scores(records, draws, speedup, tolerance, auc_range, batch_size)
+    if per_draw.empty:
         return pd.DataFrame(columns=[*ROW_KEYS, *(f"{c}_ci_{e}" for c in CI_SCORES for e in ("low", "high"))])
-    grouped = pd.concat(per_seed).groupby([*ROW_KEYS, "draw"])[CI_SCORES]
-    # as in `leaderboard`: a seed mean is NaN when any seed lacks the score in that draw
-    seed_means = grouped.mean().where(grouped.count().eq(grouped.size(), axis=0))
-    quantiles = seed_means.groupby(ROW_KEYS).quantile([(1 - confidence) / 2, (1 + confidence) / 2])
+    quantiles = draw_seed_means(per_draw).groupby(ROW_KEYS).quantile([(1 - confidence) / 2, (1 + confidence) / 2])
     low = quantiles.xs((1 - confidence) / 2, level=-1).add_suffix("_ci_low")
     high = quantiles.xs((1 + confidence) / 2, level=-1).add_suffix("_ci_high")
     return low.join(high).reset_index()
@@ -413,8 +436,9 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md`` (or `filename`).
 
     ``kwargs`` go to :func:`leaderboard` (speedup, tolerance, auc_range, batch_size); ``digits`` to
-    :func:`to_markdown`; ``ci`` adds bootstrap intervals from the stored per-example tables.
-    Returns the table and the path written.
+    :func:`to_markdown`; ``ci`` adds bootstrap intervals from the stored per-example tables, and a section on
+    which differences between adjacent methods they resolve (`eebench.differences`; the whole pair table is
+    kept in ``board.attrs["differences"]``). Returns the table and the path written.
     """
     draws = None
     if ci:
@@ -424,8 +448,17 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
 
     records = with_floor_metrics(load_records(results_dir), results_dir)
     board = leaderboard(records, draws=draws, **kwargs)
+    text = to_markdown(board, digits=digits)
+    if draws is not None and board["seeds"].gt(0).any():
+        from eebench.differences import differences_legend, differences_markdown, method_differences
+
+        differences = method_differences(records, draws, **kwargs)
+        board.attrs["differences"] = differences
+        text += ("\n## Which differences the intervals resolve\n\nMethods next to each other in the ranking by "
+                 "each score (every pair: `eebench.differences.method_differences`).\n\n"
+                 + differences_markdown(differences, adjacent_only=True) + "\n\n- " + differences_legend() + "\n")
     path = Path(results_dir) / (filename or LEADERBOARD_FILE)
-    atomic_write_text(path, to_markdown(board, digits=digits) + "\n" + commits_line(results_dir) + "\n")
+    atomic_write_text(path, text + "\n" + commits_line(results_dir) + "\n")
     return board, path
 
 

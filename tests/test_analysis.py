@@ -131,3 +131,23 @@ def test_compare_command_prints_the_paired_table(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("| mine | t=0.2 | 2.00x | 70.00 | calm[x] t=0.25 | 2.50x | 75.00 | -5.00 (")
     assert table[2].endswith("| not resolved |")
+
+
+def test_compare_takes_any_timed_batch_size_and_names_the_ones_there(tmp_path, capsys):
+    """Classification suites time batch sizes 1 and 32: `--speedup wallclock_bs<N>` accepts any N the jobs
+    timed, and an N they did not time is refused with the ones they did."""
+    from eebench.cli import main
+
+    index = np.arange(100)
+    _job(tmp_path / "a", "mine", {"t=0.2": (2.0, index % 10 >= 3)})
+    _job(tmp_path / "b", "rival", {"t=0.25": (2.5, index % 4 != 0)})
+    common = ["compare", "--results", str(tmp_path / "a"), str(tmp_path / "b"), "--task", "sst2", "--method", "mine",
+              "--against", "rival", "--speedup"]
+    assert main([*common, "wallclock_bs1"]) == 0
+    assert "| mine | t=0.2 | 2.00x |" in capsys.readouterr().out
+    assert main([*common, "wallclock_bs32"]) != 0
+    assert "'wallclock_bs32'; choose from saved_layer_speedup, flops_speedup, wallclock_bs1 (wall-clock" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "wallclock"])
+    assert "wallclock_bs<N>" in capsys.readouterr().err
