@@ -25,6 +25,7 @@ import torch
 
 TIMING_SAMPLE_SEED = 0  # the timed examples: one seeded sample of dev, the same for every method and seed of a task
 MAX_PLAUSIBLE_REALIZATION = 1.15  # wall-clock beyond the saved layers by more than this is noise, not a result
+TIMING_THREADS_ENV = "EEBENCH_TIMING_THREADS"  # torch threads of an exclusive clock (see exclusive_timing)
 MAX_REPEAT_SPREAD = 0.25  # (max - min) / median of one candidate's repeats; beyond it the machine was not quiet
 TimingSample = Literal["random", "first"]
 
@@ -153,14 +154,23 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], clock: C
 @contextlib.contextmanager
 def exclusive_timing() -> Iterator[dict]:
     """Run the wall-clock stage holding the node's activity lock exclusively (`eebench.locks`): no other job
-    of ours trains, evaluates or times on this node meanwhile. Yields a dict for the records, filled on exit:
-    timing_exclusive (whether the lock was held) and load_average_end (the 1-minute load as timing ended)."""
+    of ours trains, evaluates or times on this node meanwhile. A worker of a process pool trains with its
+    share of the cores; holding the lock, its clock may use what a serial run has: $EEBENCH_TIMING_THREADS
+    (set by the pool) torch threads, restored afterwards. Yields a dict for the records, filled on exit:
+    timing_exclusive (whether the lock was held), timing_threads (the torch threads the clock ran with) and
+    load_average_end (the 1-minute load as timing ended)."""
     from eebench.locks import node_activity
 
     context: dict = {}
     with node_activity().timing() as exclusive:
-        yield context
-        context.update(timing_exclusive=exclusive, load_average_end=load_average())
+        own = torch.get_num_threads()
+        threads = int(os.environ.get(TIMING_THREADS_ENV) or own)
+        torch.set_num_threads(threads)
+        try:
+            yield context
+        finally:
+            torch.set_num_threads(own)
+        context.update(timing_exclusive=exclusive, timing_threads=threads, load_average_end=load_average())
 
 
 def load_average() -> float:

@@ -181,17 +181,18 @@ def test_importing_the_slurm_executor_leaves_the_process_logging_alone():
     assert result.returncode == 0, result.stderr
 
 
-def _worker_view(hold: float) -> tuple[str, str, int]:
+def _worker_view(hold: float) -> tuple[str, str, int, str]:
     time.sleep(hold)  # both workers busy at once, so each call lands on its own worker
-    return os.environ["CUDA_VISIBLE_DEVICES"], os.environ["OMP_NUM_THREADS"], torch.get_num_threads()
+    return (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["OMP_NUM_THREADS"], torch.get_num_threads(),
+            os.environ["EEBENCH_TIMING_THREADS"])
 
 
 def test_local_workers_get_one_gpu_each_and_a_share_of_the_threads():
     """What each worker sees (no GPU is needed to check the assignment: CUDA reads the variable later)."""
-    executor = LocalExecutor(2, gpus=["3", "5"], threads=1)
+    executor = LocalExecutor(2, gpus=["3", "5"], threads=1, timing_threads=2)
     try:
         handles = executor.submit(_worker_view, [(8.0,), (8.0,)])
         views = sorted(handle.result() for handle in handles)
     finally:
         executor.close()
-    assert views == [("3", "1", 1), ("5", "1", 1)]
+    assert views == [("3", "1", 1, "2"), ("5", "1", 1, "2")]  # the clock, alone on the node, gets 2 threads

@@ -1,4 +1,4 @@
-"""End to end on a real Slurm: a single-node cluster started on 127.0.0.1 by the fixture (tests/slurm_cluster.py)
+"""End to end on a real Slurm: a single-node cluster started on 127.0.0.1 by the fixture (eebench/executors/local_slurm.py)
 when Debian's Slurm and munge are installed (.ci/run installs them); elsewhere the tests say why they skip."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from eebench.executors import JobFailedError, SlurmOptions, SubmititExecutor
+from eebench.executors.local_slurm import local_slurm, missing
 
 from conftest import GLUE
-from slurm_cluster import local_slurm, missing
 
 
 @pytest.fixture(scope="module")

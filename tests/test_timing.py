@@ -132,3 +132,27 @@ def test_the_timing_bar_counts_every_run_and_is_off_without_progress(capsys):
     assert "timing 2 points, batch size 1, 8 examples" in shown and "0/4" in shown and "again: repeats spread" in shown
     interleaved_times({"a": lambda: None}, CpuClock(), repeats=1, warmup=0)
     assert capsys.readouterr().err == ""
+
+
+def test_the_exclusive_clock_takes_the_pools_timing_threads_and_gives_them_back(tmp_path, monkeypatch):
+    """A pool worker trains on its share of the cores (here 1); alone on the node, its clock runs with what a
+    serial run has ($EEBENCH_TIMING_THREADS), and the worker gets its own count back afterwards."""
+    import torch
+
+    from eebench.timing import TIMING_THREADS_ENV, exclusive_timing
+
+    monkeypatch.setenv("EEBENCH_NODE_LOCK_DIR", str(tmp_path))
+    own = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setenv(TIMING_THREADS_ENV, "2")
+        with exclusive_timing() as context:
+            inside = torch.get_num_threads()
+        assert (inside, torch.get_num_threads()) == (2, 1)
+        assert context["timing_threads"] == 2 and context["timing_exclusive"] is True
+        monkeypatch.delenv(TIMING_THREADS_ENV)
+        with exclusive_timing() as context:  # a serial run: its own threads
+            assert torch.get_num_threads() == 1
+        assert context["timing_threads"] == 1
+    finally:
+        torch.set_num_threads(own)

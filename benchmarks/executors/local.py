@@ -22,14 +22,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _init_worker(slots, gpus: list[str], threads: int) -> None:
+def _init_worker(slots, gpus: list[str], threads: int, timing_threads: int) -> None:
     """Runs once in each new worker, before any job: take a slot, then its GPU and its share of the threads.
     CUDA reads CUDA_VISIBLE_DEVICES when it initialises, which no job has done yet; so `--device cuda` is
-    this worker's own GPU."""
+    this worker's own GPU. The clock runs alone on the node (`timing.exclusive_timing`), so it gets the
+    threads a serial run has (`timing_threads`): wall-clock figures must not depend on the worker count."""
+    from eebench.timing import TIMING_THREADS_ENV
+
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ[TIMING_THREADS_ENV] = str(timing_threads)
     os.environ["EEBENCH_WORKER_SLOT"] = str(slot)
     import torch
     torch.set_num_threads(threads)
@@ -55,16 +59,22 @@ class _FutureHandle:
 class LocalExecutor:
     """`workers` processes (spawned: a fresh interpreter, no forked torch state). `gpus`: device ids to share
     out, one per worker (default: the visible ones; none = CPU); `threads`: torch threads per worker (default:
-    the machine's cores split evenly)."""
+    the machine's cores split evenly); `timing_threads`: torch threads of a worker's wall-clock stage, which
+    runs with nothing of ours beside it (default: this process's, what a serial run times with)."""
 
     in_process = False
 
-    def __init__(self, workers: int, gpus: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, workers: int, gpus: Sequence[str] | None = None, threads: int | None = None,
+                 timing_threads: int | None = None):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         self.workers = workers
         self.gpus = list(gpus) if gpus is not None else visible_gpus()
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        if timing_threads is None:
+            import torch
+            timing_threads = torch.get_num_threads()
+        self.timing_threads = timing_threads
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def submit(self, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[_FutureHandle]:
@@ -74,7 +84,7 @@ class LocalExecutor:
             for slot in range(self.workers):
                 slots.put(slot)
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_init_worker, initargs=(slots, self.gpus, self.threads))
+                self.workers, mp_context=context, initializer=_init_worker, initargs=(slots, self.gpus, self.threads, self.timing_threads))
         return [_FutureHandle(self._pool.submit(fn, *args), f"local-{i}") for i, args in enumerate(calls)]
 
     def as_completed(self, handles: Sequence[_FutureHandle]) -> Iterator[_FutureHandle]:

@@ -1,7 +1,8 @@
-"""A real single-node Slurm cluster on 127.0.0.1 for the end-to-end test: munged, slurmctld and slurmd
-(Debian's packages: apt-get install slurmctld slurmd slurm-client munge) started in the foreground from a
-private folder, their PIDs kept and stopped by PID. No systemd, no /etc changes, no accounting database
-(submitit reads a finished job's result file, which needs none)."""
+"""A real single-node Slurm cluster on 127.0.0.1, for the end-to-end test and for trying `--executor slurm` on
+one machine (benchmarks/micro/compare_executors.py): munged, slurmctld and slurmd (Debian's packages:
+apt-get install slurmctld slurmd slurm-client munge) started in the foreground from a private folder, their
+PIDs kept and stopped by PID. No systemd, no /etc changes, no accounting database (submitit reads a finished
+job's result file, which needs none)."""
 
 from __future__ import annotations
 
