@@ -8,6 +8,7 @@ import operator
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,3 +63,46 @@ def test_a_failing_array_task_names_its_slurm_id_and_traceback(slurm, tmp_path):
         handles[0].result()
     assert error.value.job_id == handles[0].job_id and error.value.job_id.endswith("_0")
     assert "ZeroDivisionError" in error.value.details
+
+
+# The array task unpickles its function by module name, so it lives in a module the task can import (this test
+# file is not importable there): written to a folder that PYTHONPATH names, which sbatch passes on.
+PREEMPTIBLE = """
+import os
+import time
+from pathlib import Path
+
+
+def interrupted_once(marker: str) -> str:
+    \"\"\"First run: leave a mark and wait to be preempted. The requeued run finds the mark and finishes.\"\"\"
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(os.environ.get("SLURM_JOB_ID", "?"))
+        time.sleep(300)
+        return "never preempted"
+    return f"requeued after {path.read_text()}"
+"""
+
+
+@pytest.mark.slow
+def test_a_preempted_array_task_is_requeued_and_its_rerun_finishes(slurm, tmp_path, monkeypatch):
+    """Preemption as Slurm signals it (USR2, which submitit also receives ahead of a time limit): the task is
+    checkpointed and requeued with the same arguments, and the handle returns the rerun's result."""
+    (tmp_path / "preemptible.py").write_text(PREEMPTIBLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    from preemptible import interrupted_once
+
+    executor = SubmititExecutor(tmp_path / "submitit", "slurm", SlurmOptions(time_min=10, poll_seconds=1))
+    marker = tmp_path / "first-run"
+    [handle] = executor.submit(interrupted_once, [(str(marker),)])
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"the array task never started; see {tmp_path / 'submitit'}"
+        time.sleep(0.5)
+    time.sleep(2)  # the task is in its sleep: submitit's signal handlers are installed
+    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True, env={**os.environ, **slurm})
+    assert handle.result() == f"requeued after {marker.read_text()}"
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "submitit").rglob("*.err"))
+    # submitit calls it "preempted" or "timed-out" (it cannot tell without accounting); either way it requeues
+    assert "Caught signal SIGUSR2" in logs and "DUE TO JOB REQUEUE" in logs

@@ -34,7 +34,8 @@ def _config(root: Path, user: str, cpus: int) -> str:
         "SlurmctldHost=localhost(127.0.0.1)",
         f"SlurmUser={user}", f"SlurmdUser={user}",
         f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-        "AuthType=auth/munge", f"AuthInfo=socket={root / 'munge.socket'}",
+        # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+        "AuthType=auth/munge", f"AuthInfo=socket={root / 'munge.socket'},cred_expire=10",
         f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
