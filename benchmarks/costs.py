@@ -28,17 +28,21 @@ GLOSSARY: dict[str, str] = {
     "flops": "per example: 2 x [sum over executed layers of MACs(q, n) + MACs of the exit heads evaluated], "
              "MACs(q, n) = 2qd^2 + 2nd^2 + 2qdf + 2qnd, n = the example's real (unpadded) token count.",
     "flops_speedup": "sum_i flops_full_i / sum_i flops_i, the full model = L layers + its final head only.",
-    "wallclock_speedup": "t_full / t_method: median over repeats (all kept: wallclock_seconds_repeats, _min, _max, "
+    "wallclock_speedup": "t_full / t_method: median over rounds (all kept: wallclock_seconds_repeats, _min, _max, "
                          "with the load_average) of the time to run the same timing examples at "
                          "the same batch size, in the same process, after warm-up (perf_counter on CPU; CUDA "
-                         "events + synchronize on GPU). Batched runs drop exited examples from the batch.",
+                         "events + synchronize on GPU). Each batch runs through the full model and every point "
+                         "back to back (order rotating per batch); a round is one pass, at least 3, more until the "
+                         "full model ran 3 s (at most 15). Batched runs drop exited examples from the batch.",
+    "wallclock_speedup_spread": "(max - min) / median over rounds of t_method,round / t_full,round: how far the "
+                                "speed-up itself moved; a slow round that hits both cancels.",
     "realization": "wallclock_speedup / timed_saved_layer_speedup at one batch size: the share of the saved layers "
                    "that the clock realises (1.0 = every saved layer saves its full share of time).",
     "timed_saved_layer_speedup": "saved_layer_speedup over the timed examples only (a seeded random sample of "
                                  "timing_examples dev examples, the same for every method of a task; the first N in "
                                  "records from before the sample), so that realization compares like with like.",
     "timing_flag": "why a wall-clock number is not to be trusted, '' if nothing: realization > 1.15 (faster than "
-                   "the saved layers allow) or repeats spread (max - min) / median > 25% after one re-timing. "
+                   "the saved layers allow) or wallclock_speedup_spread > 25% after one re-timing. "
                    "Flagged cells carry a numbered dagger in `eebench points`.",
     "mean_token_layer": "token-wise methods: sum over tokens of layers that updated them / real tokens (the token-"
                         "weighted depth); layer-wise methods: mean_exit_layer.",

@@ -33,7 +33,7 @@ from eebench.methods import build_method, get_method_class
 from eebench.methods.protocol import ProtocolError, config_dict
 from eebench.store import JobFiles, ResultsStore, atomic_write_text, atomic_write_with, check_one_commit
 from eebench.tasks import TaskData, get_task, load_split, train_and_selection
-from eebench.timing import TimingSample
+from eebench.timing import TimingInterleave, TimingSample
 from eebench.training import LoopTrainer, StageCache, TrainConfig, train_settings
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ class EvalConfig:
     timing_repeats: int = 3
     timing_warmup: int = 1
     timing_sample: TimingSample = "random"
+    # "batch": every batch runs through every candidate back to back (`eebench.timing.interleaved_times`);
+    # "pass": each candidate's whole pass is one timed region, as eebench timed up to 37578a1.
+    timing_interleave: TimingInterleave = "batch"
+    timing_min_seconds: float = 3.0  # rounds are added (up to 5x timing_repeats) until the full model ran this long
     # "now": decide after each layer's head before the next layer (the papers' loop, a host sync per layer on a
     # GPU); "late": decide one layer late, the next layer queued first (layer-wise methods; an exiting example
     # is charged the extra layer: `MultiExitModel.early_exit`). Quality and costs follow the mode.
@@ -106,6 +110,8 @@ class Job:
                 del settings[optional]  # absent, not null: job ids from before the setting existed hold
         if settings["eval"]["timing_sample"] == "first":
             del settings["eval"]["timing_sample"]  # what every job timed before the setting existed
+        if settings["eval"]["timing_interleave"] == "pass" and settings["eval"]["timing_min_seconds"] == 0:
+            del settings["eval"]["timing_interleave"], settings["eval"]["timing_min_seconds"]  # likewise
         if settings["eval"]["exit_decision"] == "now":
             del settings["eval"]["exit_decision"]  # likewise
         return settings

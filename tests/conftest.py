@@ -24,7 +24,8 @@ def pytest_configure(config):
             f"e.g. EEBENCH_SHARED_DATA=/path/to/shared/data python -m pytest -q")
 
 FAST_TRAIN = TrainConfig(epochs=1, lr=1e-3, batch_size=16, max_seq_length=48)
-FAST_EVAL = EvalConfig(batch_size=8, timing_batch_sizes=(1, 4), timing_examples=8, timing_repeats=1, timing_warmup=0)
+FAST_EVAL = EvalConfig(batch_size=8, timing_batch_sizes=(1, 4), timing_examples=8, timing_repeats=1, timing_warmup=0,
+                       timing_min_seconds=0.0)
 
 
 @pytest.fixture(autouse=True)

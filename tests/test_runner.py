@@ -159,15 +159,16 @@ def test_pcee_and_pabee_share_one_fine_tuned_network(tmp_path):
 
 def test_job_ids_of_stored_results_stay_stable():
     """New Job settings must not re-key old jobs: results/quick's jobs (timed on the first N dev examples, no
-    selection set: both from before the settings existed) keep these ids; the random timing sample and the
-    held-out selection set are other measurements, so other ids."""
+    selection set, whole passes timed as one region: all from before the settings existed) keep these ids; the
+    random timing sample, the held-out selection set and batch-interleaved timing are other measurements, so
+    other ids."""
     from dataclasses import replace
 
     from eebench.suites import get_suite
 
     jobs = get_suite("quick").jobs()
-    first_n = [replace(job, eval=replace(job.eval, timing_sample="first"), selection_examples=None).job_id
-               for job in jobs]
+    first_n = [replace(job, eval=replace(job.eval, timing_sample="first", timing_interleave="pass", timing_min_seconds=0),
+                       selection_examples=None).job_id for job in jobs]
     assert first_n == ["32734c63393fbcca", "fc25e4f76a5037d8"]
     assert not {job.job_id for job in jobs} & set(first_n)
 

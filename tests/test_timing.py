@@ -3,14 +3,17 @@
 import pytest
 
 from eebench.timing import (
+    MAX_ROUND_FACTOR,
     CpuClock,
     CudaClock,
     Timed,
     interleaved_medians,
     interleaved_times,
+    paired_spread,
     timing_fields,
     timing_flag,
     timing_sample,
+    timing_steps,
 )
 
 
@@ -84,7 +87,7 @@ def test_interleaved_times_keeps_every_repeat_and_retimes_a_noisy_round():
     noisy_twice = FakeCuda([9, 9, 1.0, 10.0, 1.0, 30.0] + [9, 9, 1.0, 10.0, 1.0, 40.0])
     timed = interleaved_times({"a": lambda: None, "b": lambda: None}, CudaClock("cuda", cuda=noisy_twice), repeats=2)
     assert timed["b"].seconds == pytest.approx((0.010, 0.030))  # the less noisy of the two runs
-    assert timing_flag(1.0, timed["b"], timed["a"]).startswith("repeats spread 100%")
+    assert timing_flag(1.0, timed["b"], timed["a"]).startswith("speed-up spread 100% over rounds")
 
 
 def test_timing_flags_name_what_is_implausible():
@@ -120,16 +123,17 @@ def test_timing_sample_is_seeded_and_representative_of_a_dev_set_ordered_by_sour
         timing_sample(10, 5, "last")
 
 
-def test_the_timing_bar_counts_every_run_and_is_off_without_progress(capsys):
+def test_the_timing_bar_counts_every_batch_of_every_round_and_is_off_without_progress(capsys):
     from eebench.timing import timing_bar
 
     assert timing_bar(False, 3, 1, 8) is None
     label = timing_bar(True, 2, 1, 8)
-    cuda = FakeCuda([9, 9, 1.0, 10.0, 1.0, 30.0] + [9, 9, 1.0, 10.0, 1.0, 11.0])  # retimed once
-    interleaved_times({"a": lambda: None, "b": lambda: None}, CudaClock("cuda", cuda=cuda), repeats=2, warmup=0,
-                      progress=label)
+    # 3 batches, 2 rounds; b's speed-up moves 200 % between rounds, so everything is timed once more
+    noisy = ScriptedClock([1, 1] * 3 + [1, 3, 3, 1, 1, 3] + [1, 1] * 6)  # the order rotates: b first in batch 2
+    interleaved_times({"a": [lambda: None] * 3, "b": [lambda: None] * 3}, noisy, repeats=2, warmup=0,
+                      progress=label, reference="a")
     shown = capsys.readouterr().err
-    assert "timing 2 points, batch size 1, 8 examples" in shown and "0/4" in shown and "again: repeats spread" in shown
+    assert "timing 2 points, batch size 1, 8 examples" in shown and "0/6" in shown and "again: spread 100%" in shown
     interleaved_times({"a": lambda: None}, CpuClock(), repeats=1, warmup=0)
     assert capsys.readouterr().err == ""
 
@@ -156,3 +160,63 @@ def test_the_exclusive_clock_takes_the_pools_timing_threads_and_gives_them_back(
         assert context["timing_threads"] == 1
     finally:
         torch.set_num_threads(own)
+
+
+class ScriptedClock:
+    """A clock whose timed regions last what `durations` says, in order; records what ran in between."""
+
+    def __init__(self, durations):
+        self.durations, self.ran = list(durations), []
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return self.durations.pop(0) if self.durations else 1.0
+
+
+def test_batches_are_interleaved_with_a_rotating_order_and_summed_per_round():
+    ran = []
+    steps = {name: [lambda name=name, i=i: ran.append(f"{name}{i}") for i in range(3)] for name in "abc"}
+    timed = interleaved_times(steps, ScriptedClock([]), repeats=2, warmup=0, retime_spread=None)
+    # every batch runs through every candidate before the next batch; who goes first rotates with the batch
+    assert ran[:9] == ["a0", "b0", "c0", "b1", "c1", "a1", "c2", "a2", "b2"] and ran[9:] == ran[:9]
+    assert timed["a"].seconds == (3.0, 3.0)  # a round: the sum over the candidate's batches
+    with pytest.raises(ValueError, match="same number of steps"):
+        interleaved_times({"a": steps["a"], "b": steps["b"][:2]}, ScriptedClock([]))
+    with pytest.raises(ValueError, match="reference 'full' is not a candidate"):
+        interleaved_times(steps, ScriptedClock([]), reference="full")
+
+
+def test_short_passes_get_more_rounds_up_to_a_cap():
+    candidates = {"full": [lambda: None] * 2, "point": [lambda: None] * 2}
+    # each timed region lasts 0.1 s, so a full-model round is 0.2 s: 1 s needs 5 rounds
+    timed = interleaved_times(candidates, ScriptedClock([0.1] * 1000), repeats=3, warmup=1, min_seconds=1.0)
+    assert len(timed["full"].seconds) == 5
+    capped = interleaved_times(candidates, ScriptedClock([0.1] * 1000), repeats=2, warmup=0, min_seconds=100.0)
+    assert len(capped["full"].seconds) == MAX_ROUND_FACTOR * 2
+    assert len(interleaved_times(candidates, ScriptedClock([]), repeats=3, min_seconds=1.0)["point"].seconds) == 3
+
+
+def test_a_slow_round_that_hits_full_model_and_point_alike_is_not_flagged_or_retimed():
+    # round 2 is 50 % slower for both (the machine, not the method): each one's own spread is 50 %, the speed-up's 0
+    durations = [1.0, 0.5, 1.0, 0.5, 1.5, 0.75, 1.0, 0.5]  # warm-up (full, point), then 3 rounds
+    timed = interleaved_times({"full": lambda: None, "point": lambda: None}, ScriptedClock(durations), repeats=3,
+                              reference="full")
+    assert timed["full"].spread == pytest.approx(0.5) and paired_spread(timed["point"], timed["full"]) == 0
+    assert timing_flag(1.0, timed["point"], timed["full"]) == ""
+    # the same rounds judged by each candidate's own spread would have been timed again
+    retimed = ScriptedClock(durations + [1.0, 0.5] * 4)
+    again = interleaved_times({"full": lambda: None, "point": lambda: None}, retimed, repeats=3)
+    assert again["full"].spread == 0  # the second, quiet run was kept
+
+
+def test_pass_interleave_times_each_pass_as_one_region():
+    ran = []
+    runs = [lambda i=i: ran.append(i) for i in range(3)]
+    assert timing_steps(runs, "batch") == runs
+    whole = timing_steps(runs, "pass")
+    whole()
+    assert callable(whole) and ran == [0, 1, 2]
+    with pytest.raises(ValueError, match="'batch' or 'pass'"):
+        timing_steps(runs, "example")

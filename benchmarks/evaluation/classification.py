@@ -7,6 +7,7 @@ timing batch size.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ from eebench.timing import (
     timing_bar,
     timing_fields,
     timing_sample,
+    timing_steps,
 )
 from eebench.training import Encoded, batch_indices, collate, encode
 
@@ -133,13 +135,15 @@ def _time_points(method, dev: Encoded, sample: list[int], points, eval_config, p
         # Collate once, outside the timed region: tokenisation and padding are not what is measured.
         batches = [collate(dev, [sample[i] for i in indices], pad_id, device) for indices in batch_indices(n, batch_size)]
 
-        def runner(knob, batches=batches):
-            return lambda: [method.predict(batch, knob) for batch in batches]
+        def runs(knob, batches=batches):
+            return [functools.partial(method.predict, batch, knob) for batch in batches]
 
-        candidates = {knob_label(knob): runner(knob) for knob in points}
+        candidates = {knob_label(knob): timing_steps(runs(knob), eval_config.timing_interleave) for knob in points}
         load = load_average()
         result[batch_size] = (interleaved_times(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup,
-                                                 progress=timing_bar(progress, len(candidates), batch_size, n)),
+                                                 progress=timing_bar(progress, len(candidates), batch_size, n),
+                                                 min_seconds=eval_config.timing_min_seconds,
+                                                 reference=knob_label(None)),
                               load)
     return result
 

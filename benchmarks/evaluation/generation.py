@@ -10,6 +10,7 @@ the guarantee is checked empirically over random calibration/test splits of the 
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from eebench.timing import (
     timing_bar,
     timing_fields,
     timing_sample,
+    timing_steps,
 )
 from eebench.training import LMEncoded
 
@@ -142,20 +144,22 @@ def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, n
     result = {}
     for batch_size in job.eval.timing_batch_sizes:
         batches = prompt_batches(prompts, sample, batch_size, pad_id, limits, device)
-        counted: dict[str, tuple[float, float]] = {}
+        # (tokens generated, layers run) per candidate and batch: greedy decoding repeats them every round
+        counted: dict[str, list[tuple[float, float]]] = {knob_label(knob): [(0.0, 0.0)] * len(batches) for knob in points}
 
-        def runner(knob, label, batches=batches, counted=counted):
-            def run():
-                outs = [method.generate(batch, knob) for batch in batches]
-                counted[label] = (float(sum(len(t) for o in outs for t in o.tokens)),
-                                  float(sum(sum(layers) for o in outs for layers in o.token_layers)))
-            return run
+        def runs(knob, batches=batches, counted=counted):
+            def run(index: int, batch) -> None:
+                out = method.generate(batch, knob)
+                counted[knob_label(knob)][index] = (float(sum(len(t) for t in out.tokens)),
+                                                    float(sum(sum(layers) for layers in out.token_layers)))
+            return [functools.partial(run, index, batch) for index, batch in enumerate(batches)]
 
-        candidates = {knob_label(knob): runner(knob, knob_label(knob)) for knob in points}
+        candidates = {knob_label(knob): timing_steps(runs(knob), job.eval.timing_interleave) for knob in points}
         load = load_average()
         timed = interleaved_times(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup,
-                                  progress=timing_bar(progress, len(candidates), batch_size, n))
-        result[batch_size] = ({label: (timed[label], *counted[label]) for label in candidates}, load)
+                                  progress=timing_bar(progress, len(candidates), batch_size, n),
+                                  min_seconds=job.eval.timing_min_seconds, reference=knob_label(None))
+        result[batch_size] = ({label: (timed[label], *np.sum(counted[label], axis=0)) for label in candidates}, load)
     return result, sample
 
 
