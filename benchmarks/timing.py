@@ -35,6 +35,7 @@ TIMING_THREADS_ENV = "EEBENCH_TIMING_THREADS"  # torch threads of an exclusive c
 MAX_REPEAT_SPREAD = 0.25  # (max - min) / median of a speed-up over rounds; beyond it the machine was not quiet
 TimingSample = Literal["random", "first"]
 TimingInterleave = Literal["batch", "pass"]
+TRIM_FROM_ROUNDS = 5  # paired_spread leaves out the extreme rounds from this many rounds on
 
 
 class Clock(Protocol):
@@ -112,8 +113,11 @@ def paired_spread(point: Timed, full: Timed) -> float:
     """(max - min) / median of the per-round ratio point / full: how far the speed-up itself moved between rounds.
     A round's point and full-model times share the machine's state of that moment (every batch of one round runs
     every candidate back to back), so a slow round moves both and cancels here, where each one's own spread
-    does not."""
-    ratios = [p / f for p, f in zip(point.seconds, full.seconds, strict=True) if f > 0]
+    does not. From TRIM_FROM_ROUNDS rounds on, the lowest and highest ratio are left out: the range of the
+    others is an interval for the median that does not widen just because short passes got more rounds."""
+    ratios = sorted(p / f for p, f in zip(point.seconds, full.seconds, strict=True) if f > 0)
+    if len(ratios) >= TRIM_FROM_ROUNDS:
+        ratios = ratios[1:-1]
     return Timed(tuple(ratios)).spread if ratios else 0.0
 
 

@@ -54,3 +54,13 @@ def test_calm_saturation_script_runs_on_the_tiny_llama():
     # the tiny model's layers are far from saturated: 0.999 never exits (mean exit = L = 6), 0.5 exits earlier
     assert float(rows["0.999"][0]) == 6.0 and float(rows["0.5"][0]) < 6.0
     assert "decayed lambda_t (paper form" in printed
+
+
+def test_timing_agreement_compares_two_stored_runs_of_one_job():
+    stored = ROOT / "results" / "timing-protocol-mcid"
+    shown = _script("timing_agreement.py", str(stored / "after-e6a9562-run1"), str(stored / "after-e6a9562-run2"),
+                    "--label", "batch")
+    rows = [line.split("|") for line in shown.splitlines() if line.startswith("| batch |")]
+    assert [row[2].strip() for row in rows] == ["1", "32"] and all(row[3].strip() == "22" for row in rows)
+    gap_bs1 = float(rows[0][8].split("/")[0])
+    assert 0 < gap_bs1 < 0.05  # the two runs of the batch-interleaved clock agree within 5 % at bs 1

@@ -220,3 +220,10 @@ def test_pass_interleave_times_each_pass_as_one_region():
     assert callable(whole) and ran == [0, 1, 2]
     with pytest.raises(ValueError, match="'batch' or 'pass'"):
         timing_steps(runs, "example")
+
+
+def test_the_speedup_spread_leaves_out_the_extreme_rounds_once_there_are_enough():
+    full = Timed((1.0,) * 5)
+    assert paired_spread(Timed((0.5, 0.5, 1.0, 0.5, 0.5)), full) == 0  # one burst among 5 rounds
+    assert paired_spread(Timed((0.5, 0.5, 1.0, 0.5)), Timed((1.0,) * 4)) == pytest.approx(1.0)  # 4 rounds: all count
+    assert paired_spread(Timed((0.4, 0.5, 0.6, 0.5, 0.7)), full) == pytest.approx(0.2)  # (0.6 - 0.5) / 0.5
