@@ -22,11 +22,13 @@ import pandas as pd
 
 from eebench.leaderboard import (
     CI_SCORES,
-    _pct,
-    _speed,
+    DEFAULT_SCORING,
+    ScoreSettings,
     draw_seed_means,
     draw_seed_scores,
+    metric_text,
     per_seed_scores,
+    speedup_text,
 )
 
 DIFFERENCE_SCORES = ("auc", "heldout_pick_metric")  # the two headline views: whole frontier, and the one pick
@@ -39,10 +41,7 @@ def method_differences(
     records: pd.DataFrame,
     draws: dict[tuple[str, str], np.ndarray],
     scores: tuple[str, ...] = DIFFERENCE_SCORES,
-    speedup: str = "saved_layer_speedup",
-    tolerance: float = 0.01,
-    auc_range: tuple[float, float] = (1.0, 3.0),
-    batch_size: int = 1,
+    settings: ScoreSettings = DEFAULT_SCORING,
     confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Every pair of methods on each (task, backbone), for each score in `scores` (leaderboard score names).
@@ -62,8 +61,8 @@ def method_differences(
     columns = ["task", "backbone", "score", "better", "worse", "better_value", "worse_value", "difference",
                "diff_low", "diff_high", "seeds_ahead", "seeds", "better_speedup", "worse_speedup", "rank_gap",
                "verdict"]
-    per_seed = per_seed_scores(records, speedup, tolerance, auc_range, batch_size)
-    per_draw = draw_seed_scores(records, draws, speedup, tolerance, auc_range, batch_size)
+    per_seed = per_seed_scores(records, settings)
+    per_draw = draw_seed_scores(records, draws, settings)
     if per_seed.empty or per_draw.empty:
         return pd.DataFrame(columns=columns)
     means = draw_seed_means(per_draw)  # (task, method, backbone, draw) -> seed mean per score
@@ -104,9 +103,9 @@ def differences_markdown(table: pd.DataFrame, adjacent_only: bool = False) -> st
     headers = ["task", "score", "better", "worse", "difference, points (95% CI)", "seeds ahead", "verdict"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * 2 + [":---"]) + "|"]
     def named(row: dict, side: str) -> str:
-        value = _pct(row[f"{side}_value"], 2)
+        value = metric_text(row[f"{side}_value"], 2)
         if row["score"] == "heldout_pick_metric":
-            value += f" @{_speed(row[f'{side}_speedup'])}"
+            value += f" @{speedup_text(row[f'{side}_speedup'])}"
         return f"{row[side]} ({value})"
 
     for row in table.to_dict("records"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,28 @@ STANDARD_FINETUNE_METHOD = "deebert"
 FLOOR_MARGIN = 0.01
 # Speed-ups such as 12 / 8.000000001 should still count as 1.5x; metrics one ulp under the tolerance too.
 _EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How points are scored: `speedup` (a SPEEDUPS name), `tolerance` of "within 1 point" (metric units:
+    0.01 = 1 point), `auc_range` (speed-ups a..b of the AUC) and `batch_size` (whose wall-clock counts)."""
+
+    speedup: str = "saved_layer_speedup"
+    tolerance: float = 0.01
+    auc_range: tuple[float, float] = (1.0, 3.0)
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.speedup not in SPEEDUPS:
+            raise ValueError(f"unknown speed-up {self.speedup!r}; choose one of {', '.join(SPEEDUPS)}")
+        lo, hi = self.auc_range
+        if not hi > lo:
+            raise ValueError(f"auc_range must satisfy a < b, got {self.auc_range}")
+        object.__setattr__(self, "auc_range", (float(lo), float(hi)))  # a CLI list becomes a hashable pair
+
+
+DEFAULT_SCORING = ScoreSettings()
 
 
 def load_records(results_dir: str | Path) -> pd.DataFrame:
@@ -122,10 +145,10 @@ def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi:
     return float(area / (hi - lo))
 
 
-def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float, hi: float,
-                 standard: float = math.nan) -> dict:
+def _seed_scores(group: pd.DataFrame, settings: ScoreSettings, standard: float = math.nan) -> dict:
     """Scores of one (task, method, backbone, seed): see :func:`leaderboard`. `standard`: the task's standard
     fine-tune's full-model metric on the same backbone and seed (NaN when that job is not in the records)."""
+    speedup, tolerance = settings.speedup, settings.tolerance
     full = group[group["is_full_model"]]
     pts = group[~group["is_full_model"]]
     full_metric = float(full["metric"].mean()) if len(full) else math.nan
@@ -145,14 +168,14 @@ def _seed_scores(group: pd.DataFrame, speedup: str, tolerance: float, lo: float,
     useful = above_floor(m)
     within = s[useful & (m >= full_metric - tolerance - _EPS)]
     within_standard = s[useful & (m >= standard - tolerance - _EPS)] if not math.isnan(standard) else np.array([])
-    pick_speedup, pick_metric = _held_out_pick(full, pts, speedup, tolerance)
+    pick_speedup, pick_metric = _held_out_pick(full, pts, settings)
     return {
         "metric_name": group["metric_name"].iloc[0],
         "full_model_metric": full_metric,
         "metric_at_1.5x": best_at(1.5),
         "metric_at_2x": best_at(2.0),
         "best_speedup_within_1pt": float(within.max()) if len(within) else math.nan,
-        "auc": frontier_auc(s, m, lo, hi, 0.0 if math.isnan(floor) else floor),
+        "auc": frontier_auc(s, m, *settings.auc_range, 0.0 if math.isnan(floor) else floor),
         "heldout_pick_speedup": pick_speedup,
         "heldout_pick_metric": pick_metric,
         "floor_metric": floor,
@@ -174,15 +197,15 @@ def held_out_pick_row(full: pd.DataFrame, pts: pd.DataFrame, tolerance: float = 
     return eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
 
 
-def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, speedup: str, tolerance: float) -> tuple[float, float]:
+def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, settings: ScoreSettings) -> tuple[float, float]:
     """Dev (speed-up, metric) of :func:`held_out_pick_row`; NaN when the job stored no selection set. The full
     model counts as 1x with the seed-averaged full metric."""
-    best = held_out_pick_row(full, pts, tolerance)
+    best = held_out_pick_row(full, pts, settings.tolerance)
     if best is None:
         return math.nan, math.nan
     if bool(best["is_full_model"]):
         return 1.0, float(full["metric"].mean())
-    return float(best[speedup]), float(best["metric"])
+    return float(best[settings.speedup]), float(best["metric"])
 
 
 def _standard_finetunes(points: pd.DataFrame) -> dict[tuple, float]:
@@ -193,24 +216,13 @@ def _standard_finetunes(points: pd.DataFrame) -> dict[tuple, float]:
     return full.groupby(["task", "backbone", "seed"])["metric"].mean().to_dict()
 
 
-def per_seed_scores(
-    records: pd.DataFrame,
-    speedup: str = "saved_layer_speedup",
-    tolerance: float = 0.01,
-    auc_range: tuple[float, float] = (1.0, 3.0),
-    batch_size: int = 1,
-) -> pd.DataFrame:
+def per_seed_scores(records: pd.DataFrame, settings: ScoreSettings = DEFAULT_SCORING) -> pd.DataFrame:
     """One row per (task, method, backbone, seed) with the leaderboard's scores before seed averaging."""
-    if speedup not in SPEEDUPS:
-        raise ValueError(f"unknown speed-up {speedup!r}; choose one of {', '.join(SPEEDUPS)}")
-    lo, hi = auc_range
-    if not hi > lo:
-        raise ValueError(f"auc_range must satisfy a < b, got {auc_range}")
-    points = operating_points(records, batch_size)
+    points = operating_points(records, settings.batch_size)
     standards = _standard_finetunes(points)
     rows = [
         {**dict(zip(SEED_KEYS, key, strict=True)),
-         **_seed_scores(g, speedup, tolerance, lo, hi, standards.get((key[0], key[2], key[3]), math.nan))}
+         **_seed_scores(g, settings, standards.get((key[0], key[2], key[3]), math.nan))}
         for key, g in points.groupby(SEED_KEYS, sort=True)
     ]
     return pd.DataFrame(rows, columns=[*SEED_KEYS, "metric_name", *SCORE_COLUMNS])
@@ -236,7 +248,8 @@ def leaderboard(
     ``<score>_ci_low`` / ``_ci_high`` (:func:`leaderboard_intervals`).
     The parameters (and the batch size actually used) are kept in ``board.attrs`` for :func:`to_markdown`.
     """
-    scores = per_seed_scores(records, speedup, tolerance, auc_range, batch_size)
+    settings = ScoreSettings(speedup, tolerance, tuple(auc_range), batch_size)
+    scores = per_seed_scores(records, settings)
     grouped = scores.groupby(ROW_KEYS, sort=True)
     board = grouped[SCORE_COLUMNS].mean()
     if not scores.empty:  # skipna=False is not available on a grouped mean: blank groups with any NaN
@@ -255,7 +268,7 @@ def leaderboard(
     ]  # fmt: skip
     board = board.reindex(columns=order)
     if draws is not None:
-        intervals = leaderboard_intervals(records, draws, speedup, tolerance, auc_range, batch_size)
+        intervals = leaderboard_intervals(records, draws, settings)
         board = board.merge(intervals, on=ROW_KEYS, how="left")
     board = board.sort_values(["task", "auc", "method"], ascending=[True, False, True], na_position="last")
     board = board.reset_index(drop=True)
@@ -263,7 +276,7 @@ def leaderboard(
         sorted(operating_points(records, batch_size)["batch_size"].unique()) if len(records) else [batch_size]
     )
     board.attrs.update(
-        speedup=speedup, tolerance=tolerance, auc_range=tuple(auc_range), batch_sizes=[int(b) for b in used]
+        speedup=speedup, tolerance=tolerance, auc_range=settings.auc_range, batch_sizes=[int(b) for b in used]
     )
     return board
 
@@ -274,14 +287,8 @@ CI_SCORES = ["full_model_metric", "metric_at_1.5x", "metric_at_2x", "best_speedu
              "heldout_pick_metric"]
 
 
-def draw_seed_scores(
-    records: pd.DataFrame,
-    draws: dict[tuple[str, str], np.ndarray],
-    speedup: str = "saved_layer_speedup",
-    tolerance: float = 0.01,
-    auc_range: tuple[float, float] = (1.0, 3.0),
-    batch_size: int = 1,
-) -> pd.DataFrame:
+def draw_seed_scores(records: pd.DataFrame, draws: dict[tuple[str, str], np.ndarray],
+                     settings: ScoreSettings = DEFAULT_SCORING) -> pd.DataFrame:
     """Every leaderboard score of ``CI_SCORES`` per (task, method, backbone, seed) and bootstrap draw: one row
     per (seed, draw) with columns ``SEED_KEYS``, ``draw`` and ``CI_SCORES``.
 
@@ -291,8 +298,7 @@ def draw_seed_scores(
     sampling noise over dev examples, not the cost's. Draws share their resampled indices across the points,
     jobs and seeds of a task, so any statistic built per draw from these rows (a seed mean, the difference
     of two methods' seed means) is itself a paired bootstrap."""
-    lo, hi = auc_range
-    points = operating_points(records, batch_size)
+    points = operating_points(records, settings.batch_size)
     standards = _standard_finetunes(points)  # held at its dev value: a reference, not a score of the row
     per_seed = []
     for key, group in points.groupby(SEED_KEYS, sort=True):
@@ -303,7 +309,7 @@ def draw_seed_scores(
                              "tables that `eebench run` stores in DIR/examples/")
         stacked = np.stack([draws[(j, k)] for j, k in zip(group["job_id"], labels, strict=True)])  # (points, R)
         standard = standards.get((key[0], key[2], key[3]), math.nan)
-        scores = [_seed_scores(group.assign(metric=stacked[:, r]), speedup, tolerance, lo, hi, standard)
+        scores = [_seed_scores(group.assign(metric=stacked[:, r]), settings, standard)
                   for r in range(stacked.shape[1])]
         per_seed.append(pd.DataFrame([{**dict(zip(SEED_KEYS, key, strict=True)), "draw": r,
                                        **{c: s[c] for c in CI_SCORES}} for r, s in enumerate(scores)]))
@@ -319,22 +325,15 @@ def draw_seed_means(per_draw: pd.DataFrame) -> pd.DataFrame:
     return grouped.mean().where(grouped.count().eq(grouped.size(), axis=0))
 
 
-def leaderboard_intervals(
-    records: pd.DataFrame,
-    draws: dict[tuple[str, str], np.ndarray],
-    speedup: str = "saved_layer_speedup",
-    tolerance: float = 0.01,
-    auc_range: tuple[float, float] = (1.0, 3.0),
-    batch_size: int = 1,
-    confidence: float = 0.95,
-) -> pd.DataFrame:
+def leaderboard_intervals(records: pd.DataFrame, draws: dict[tuple[str, str], np.ndarray],
+                          settings: ScoreSettings = DEFAULT_SCORING, confidence: float = 0.95) -> pd.DataFrame:
     """Bootstrap intervals over dev examples of every leaderboard score: one row per (task, method, backbone)
     with ``<score>_ci_low`` / ``<score>_ci_high`` for each of ``CI_SCORES``: the percentile range over draws of
     the seed mean of :func:`draw_seed_scores`. Draws are paired across seeds, so this is the interval of the
     seed mean."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    per_draw = draw_seed_scores(records, draws, speedup, tolerance, auc_range, batch_size)
+    per_draw = draw_seed_scores(records, draws, settings)
     if per_draw.empty:
         return pd.DataFrame(columns=[*ROW_KEYS, *(f"{c}_ci_{e}" for c in CI_SCORES for e in ("low", "high"))])
     quantiles = draw_seed_means(per_draw).groupby(ROW_KEYS).quantile([(1 - confidence) / 2, (1 + confidence) / 2])
@@ -343,14 +342,16 @@ def leaderboard_intervals(
     return low.join(high).reset_index()
 
 
-def _pct(value: float, digits: int, std: float = math.nan) -> str:
+def metric_text(value: float, digits: int, std: float = math.nan) -> str:
+    """A 0..1 metric as points (x100) with `digits` decimals, "± std" when given; "—" when missing."""
     if value is None or pd.isna(value):
         return "—"
     text = f"{100 * value:.{digits}f}"
     return text if pd.isna(std) else f"{text} ± {100 * std:.{digits}f}"
 
 
-def _speed(value: float) -> str:
+def speedup_text(value: float) -> str:
+    """A speed-up ratio as "2.50x"; "—" when missing."""
     return "—" if value is None or pd.isna(value) else f"{value:.2f}x"
 
 
@@ -386,7 +387,7 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
     ]
     with_ci = "auc_ci_low" in board
 
-    def ci(row: dict, score: str, render=lambda v: _pct(v, 1)) -> str:
+    def ci(row: dict, score: str, render=lambda v: metric_text(v, 1)) -> str:
         low, high = row.get(f"{score}_ci_low"), row.get(f"{score}_ci_high")
         if not with_ci or low is None or pd.isna(low):
             return ""
@@ -395,20 +396,20 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
     def metric(row: dict, score: str, std: float = math.nan) -> str:
         floor = row.get("floor_metric", math.nan)
         at_floor = not pd.isna(floor) and not pd.isna(row[score]) and row[score] <= floor + FLOOR_MARGIN + _EPS
-        return _pct(row[score], digits, std) + (" (floor)" if at_floor else "") + ci(row, score)
+        return metric_text(row[score], digits, std) + (" (floor)" if at_floor else "") + ci(row, score)
 
     for row in board.to_dict("records"):
         cells = [
             _cell(row["task"]), _cell(row["method"]), _cell(row["backbone"]), _cell(row["metric_name"]),
             str(int(row["seeds"])), metric(row, "full_model_metric", row["full_model_metric_std"]),
-            *([_pct(row["standard_finetune_metric"], digits)] if standard else []),
-            *([_pct(row["floor_metric"], digits)] if floors else []),
-            *([f"{_speed(row['heldout_pick_speedup'])} / "
+            *([metric_text(row["standard_finetune_metric"], digits)] if standard else []),
+            *([metric_text(row["floor_metric"], digits)] if floors else []),
+            *([f"{speedup_text(row['heldout_pick_speedup'])} / "
                + metric(row, "heldout_pick_metric", row.get("heldout_pick_metric_std", math.nan))] if held_out else []),
             metric(row, "metric_at_1.5x"), metric(row, "metric_at_2x"),
-            _speed(row["best_speedup_within_1pt"]) + ci(row, "best_speedup_within_1pt", _speed),
-            *([_speed(row["best_speedup_within_1pt_of_standard"])] if standard else []),
-            _pct(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
+            speedup_text(row["best_speedup_within_1pt"]) + ci(row, "best_speedup_within_1pt", speedup_text),
+            *([speedup_text(row["best_speedup_within_1pt_of_standard"])] if standard else []),
+            metric_text(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     seeds = int(board["seeds"].max()) if len(board) else 0
@@ -447,12 +448,13 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     from eebench.analysis import with_floor_metrics  # analysis imports this module; fills pre-floor records
 
     records = with_floor_metrics(load_records(results_dir), results_dir)
-    board = leaderboard(records, draws=draws, **kwargs)
+    settings = ScoreSettings(**kwargs)  # checked before anything is computed or written
+    board = leaderboard(records, settings.speedup, settings.tolerance, settings.auc_range, settings.batch_size, draws)
     text = to_markdown(board, digits=digits)
     if draws is not None and board["seeds"].gt(0).any():
         from eebench.differences import differences_legend, differences_markdown, method_differences
 
-        differences = method_differences(records, draws, **kwargs)
+        differences = method_differences(records, draws, settings=settings)
         board.attrs["differences"] = differences
         text += ("\n## Which differences the intervals resolve\n\nMethods next to each other in the ranking by "
                  "each score (every pair: `eebench.differences.method_differences`).\n\n"
@@ -552,17 +554,17 @@ def points_markdown(table: pd.DataFrame, digits: int = 2, all_metrics: bool = Fa
         """The wall-clock cell, with a numbered mark when its timing was flagged (listed under the table)."""
         flag = row.get(column.replace("wallclock_bs", "timing_flag_bs"), "")
         if not isinstance(flag, str) or not flag:
-            return _speed(row[column])
+            return speedup_text(row[column])
         flagged.append(f"{row['task']} / {row['method']} / {row['knob_label']} at batch size "
                        f"{column.removeprefix('wallclock_bs')}: {flag}")
-        return f"{_speed(row[column])} †{len(flagged)}"
+        return f"{speedup_text(row[column])} †{len(flagged)}"
 
     for row in table.to_dict("records"):
-        ci = [f"{_pct(row['ci_low'], 1)}–{_pct(row['ci_high'], 1)}", _difference(row)] if with_ci else []
+        ci = [f"{metric_text(row['ci_low'], 1)}–{metric_text(row['ci_high'], 1)}", _difference(row)] if with_ci else []
         cells = [_cell(row["task"]), _cell(row["method"]), str(row["seed"]), _cell(row["knob_label"]),
-                 f"{row['metric_name']} {_pct(row['metric'], digits)}" + _floor_mark(row), *ci,
-                 *[_pct((row.get("metrics") or {}).get(name), digits) for name in extra], f"{row['mean_exit_layer']:.2f}",
-                 _speed(row["saved_layer_speedup"]), _speed(row["flops_speedup"]), *[wall(row, c) for c in walls],
+                 f"{row['metric_name']} {metric_text(row['metric'], digits)}" + _floor_mark(row), *ci,
+                 *[metric_text((row.get("metrics") or {}).get(name), digits) for name in extra], f"{row['mean_exit_layer']:.2f}",
+                 speedup_text(row["saved_layer_speedup"]), speedup_text(row["flops_speedup"]), *[wall(row, c) for c in walls],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.2f}" for c in real],
                  *["—" if pd.isna(row[c]) else f"{row[c]:.1f}" for c in speed],
                  "—" if pd.isna(row.get("train_seconds", math.nan)) else f"{row['train_seconds']:.0f}"]
@@ -579,10 +581,10 @@ def comparison_markdown(table: pd.DataFrame, speedup: str = "saved_layer_speedup
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * 2 + [":---"] + ["---:"] * 3
                                                                + [":---"]) + "|"]
     for row in table.to_dict("records"):
-        cells = [_cell(row["method"]), _cell(row["point"]), _speed(row["speedup"]), f"{100 * row['metric']:.2f}"]
+        cells = [_cell(row["method"]), _cell(row["point"]), speedup_text(row["speedup"]), f"{100 * row['metric']:.2f}"]
         if isinstance(row.get("comparator"), str):
             interval = f"{100 * row['diff_low']:+.1f} to {100 * row['diff_high']:+.1f}"
-            cells += [_cell(row["comparator"]), _speed(row["comparator_speedup"]),
+            cells += [_cell(row["comparator"]), speedup_text(row["comparator_speedup"]),
                       f"{100 * row['comparator_metric']:.2f}", f"{100 * row['difference']:+.2f} ({interval})"]
         else:
             cells += ["—"] * 4
