@@ -149,6 +149,8 @@ def interleaved_times(candidates: Mapping[str, Candidate], clock: Clock, repeats
         raise ValueError(f"reference {reference!r} is not a candidate: {sorted(candidates)}")
     from tqdm.auto import tqdm
 
+    if not candidates:
+        return {}
     steps = {name: list(run) if isinstance(run, Sequence) else [run] for name, run in candidates.items()}
     lengths = {len(s) for s in steps.values()}
     if len(lengths) > 1:

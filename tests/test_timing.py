@@ -186,6 +186,7 @@ def test_batches_are_interleaved_with_a_rotating_order_and_summed_per_round():
         interleaved_times({"a": steps["a"], "b": steps["b"][:2]}, ScriptedClock([]))
     with pytest.raises(ValueError, match="reference 'full' is not a candidate"):
         interleaved_times(steps, ScriptedClock([]), reference="full")
+    assert interleaved_times({}, ScriptedClock([])) == {}
 
 
 def test_short_passes_get_more_rounds_up_to_a_cap():
