@@ -215,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  train_limit=args.train_limit, eval_limit=args.eval_limit,
                                  selection_examples=args.selection_examples)
     if args.epochs is not None:
-        suite = replace(suite, train=replace(suite.train, epochs=args.epochs))
+        suite = suite.with_epochs(args.epochs)
     if args.timing_examples is not None:
         suite = replace(suite, eval=replace(suite.eval, timing_examples=args.timing_examples))
     if args.exit_decision is not None:

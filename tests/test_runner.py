@@ -217,6 +217,10 @@ def test_real_suites_choose_points_on_held_out_data():
     jobs = SUITES["leaderboard-minilm"].jobs()
     assert {(job.task, job.selection_examples) for job in jobs} == {("sst2", 500), ("mcid", 200)}
     assert {job.seed for job in jobs} == {0, 1, 2} and len({job.job_id for job in jobs}) == len(jobs) == 48
+    # M-CID's small train split gets more epochs (suites.MCID_TRAIN); SST-2 keeps the suite's own
+    assert {(job.task, job.train.epochs) for job in jobs} == {("sst2", 2), ("mcid", 12)}
+    shorter = SUITES["leaderboard-minilm"].with_epochs(1).jobs()  # `eebench run --epochs 1` reaches every task
+    assert {(job.task, job.train.epochs) for job in shorter} == {("sst2", 1), ("mcid", 1)}
 
 
 def test_a_folder_measured_by_other_code_gets_no_new_job_unless_allowed(sst2_run, tmp_path, monkeypatch):
