@@ -155,7 +155,7 @@ def interleaved_times(candidates: Mapping[str, Candidate], clock: Clock, repeats
     lengths = {len(s) for s in steps.values()}
     if len(lengths) > 1:
         raise ValueError(f"every candidate needs the same number of steps (batches), got {sorted(lengths)}")
-    n_steps = lengths.pop() if lengths else 0
+    n_steps = lengths.pop()
     names = list(steps)
     bar = tqdm(total=(warmup + repeats) * n_steps, desc=progress, disable=progress is None, leave=False, unit="batch")
 
