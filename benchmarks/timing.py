@@ -24,10 +24,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the runner imports this module: a type-only import keeps the cycle out
+    from eebench.runner import EvalConfig
 
 TIMING_SAMPLE_SEED = 0  # the timed examples: one seeded sample of dev, the same for every method and seed of a task
 MAX_PLAUSIBLE_REALIZATION = 1.15  # wall-clock beyond the saved layers by more than this is noise, not a result
@@ -210,6 +213,19 @@ def timing_steps(runs: Sequence[Callable[[], object]], interleave: TimingInterle
     if interleave != "pass":
         raise ValueError(f"timing_interleave must be 'batch' or 'pass', got {interleave!r}")
     return lambda: [run() for run in runs]
+
+
+def time_points(runs: Mapping[str, Sequence[Callable[[], object]]], config: EvalConfig, clock: Clock, reference: str,
+                progress: bool, batch_size: int, examples: int) -> tuple[dict[str, Timed], float]:
+    """({label: rounds}, load average just before) for every point's per-batch runs under a job's timing
+    settings (interleave, repeats, warm-up, min_seconds), paired against `reference` (the full model's label).
+    The one place where evaluators of every kind time their points, so their records mean the same thing."""
+    candidates = {label: timing_steps(steps, config.timing_interleave) for label, steps in runs.items()}
+    load = load_average()
+    timed = interleaved_times(candidates, clock, config.timing_repeats, config.timing_warmup,
+                              progress=timing_bar(progress, len(candidates), batch_size, examples),
+                              min_seconds=config.timing_min_seconds, reference=reference)
+    return timed, load
 
 
 def timing_bar(progress: bool, points: int, batch_size: int, examples: int) -> str | None:

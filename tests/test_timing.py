@@ -1,5 +1,7 @@
 """Timing logic, including the CUDA path, tested on CPU with a fake `torch.cuda`."""
 
+from dataclasses import replace
+
 import pytest
 
 from eebench.timing import (
@@ -228,3 +230,21 @@ def test_the_speedup_spread_leaves_out_the_extreme_rounds_once_there_are_enough(
     assert paired_spread(Timed((0.5, 0.5, 1.0, 0.5, 0.5)), full) == 0  # one burst among 5 rounds
     assert paired_spread(Timed((0.5, 0.5, 1.0, 0.5)), Timed((1.0,) * 4)) == pytest.approx(1.0)  # 4 rounds: all count
     assert paired_spread(Timed((0.4, 0.5, 0.6, 0.5, 0.7)), full) == pytest.approx(0.2)  # (0.6 - 0.5) / 0.5
+
+
+def test_time_points_applies_the_job_timing_settings_and_returns_the_load():
+    from eebench.runner import EvalConfig
+    from eebench.timing import time_points
+
+    runs = {"full model": [lambda: None] * 2, "t=0.5": [lambda: None] * 2}
+    config = EvalConfig(timing_repeats=3, timing_warmup=1, timing_min_seconds=1.9)
+    # 0.1 s per batch: a full-model round is 0.2 s, so 1.9 s needs 10 counted rounds
+    timed, load = time_points(runs, config, ScriptedClock([0.1] * 1000), "full model", False, 1, 2)
+    assert len(timed["full model"].seconds) == 10 and timed["t=0.5"].median == pytest.approx(0.2)
+    assert load >= 0
+    # "pass": one timed region per round, 0.1 s: 19 rounds would be needed, the 5x cap (15 rounds) ends it
+    whole, _ = time_points(runs, replace(config, timing_interleave="pass"), ScriptedClock([0.1] * 1000),
+                           "full model", False, 1, 2)
+    assert len(whole["full model"].seconds) == MAX_ROUND_FACTOR * 3 and whole["t=0.5"].median == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="reference 'missing'"):
+        time_points(runs, config, ScriptedClock([0.1] * 1000), "missing", False, 1, 2)

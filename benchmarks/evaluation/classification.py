@@ -24,12 +24,9 @@ from eebench.timing import (
     Timed,
     clock_for,
     exclusive_timing,
-    interleaved_times,
-    load_average,
-    timing_bar,
+    time_points,
     timing_fields,
     timing_sample,
-    timing_steps,
 )
 from eebench.training import Encoded, batch_indices, collate, encode
 
@@ -127,24 +124,17 @@ def _annotate(method, data: Encoded, batch_size: int, pad_id: int, device) -> di
 
 def _time_points(method, dev: Encoded, sample: list[int], points, eval_config, pad_id: int, device, progress: bool
                  ) -> dict[int, tuple[dict[str, Timed], float]]:
-    """{batch_size: ({knob label: repeats of running the sampled dev examples}, load average before)}."""
-    n = len(sample)
+    """{batch_size: ({knob label: rounds of running the sampled dev examples}, load average before)}."""
     clock = clock_for(device)
     result = {}
     for batch_size in eval_config.timing_batch_sizes:
         # Collate once, outside the timed region: tokenisation and padding are not what is measured.
-        batches = [collate(dev, [sample[i] for i in indices], pad_id, device) for indices in batch_indices(n, batch_size)]
-
-        def runs(knob, batches=batches):
-            return [functools.partial(method.predict, batch, knob) for batch in batches]
-
-        candidates = {knob_label(knob): timing_steps(runs(knob), eval_config.timing_interleave) for knob in points}
-        load = load_average()
-        result[batch_size] = (interleaved_times(candidates, clock, eval_config.timing_repeats, eval_config.timing_warmup,
-                                                 progress=timing_bar(progress, len(candidates), batch_size, n),
-                                                 min_seconds=eval_config.timing_min_seconds,
-                                                 reference=knob_label(None)),
-                              load)
+        batches = [collate(dev, [sample[i] for i in indices], pad_id, device)
+                   for indices in batch_indices(len(sample), batch_size)]
+        runs = {knob_label(knob): [functools.partial(method.predict, batch, knob) for batch in batches]
+                for knob in points}
+        result[batch_size] = time_points(runs, eval_config, clock, knob_label(None), progress, batch_size,
+                                         len(sample))
     return result
 
 

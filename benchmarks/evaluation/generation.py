@@ -26,12 +26,9 @@ from eebench.tasks.generation import render_prompt
 from eebench.timing import (
     clock_for,
     exclusive_timing,
-    interleaved_times,
-    load_average,
-    timing_bar,
+    time_points,
     timing_fields,
     timing_sample,
-    timing_steps,
 )
 from eebench.training import LMEncoded
 
@@ -154,12 +151,9 @@ def _time(method, prompts, dev_size: int, points, job, pad_id, limits, device, n
                                                     float(sum(sum(layers) for layers in out.token_layers)))
             return [functools.partial(run, index, batch) for index, batch in enumerate(batches)]
 
-        candidates = {knob_label(knob): timing_steps(runs(knob), job.eval.timing_interleave) for knob in points}
-        load = load_average()
-        timed = interleaved_times(candidates, clock, job.eval.timing_repeats, job.eval.timing_warmup,
-                                  progress=timing_bar(progress, len(candidates), batch_size, n),
-                                  min_seconds=job.eval.timing_min_seconds, reference=knob_label(None))
-        result[batch_size] = ({label: (timed[label], *np.sum(counted[label], axis=0)) for label in candidates}, load)
+        timed, load = time_points({knob_label(knob): runs(knob) for knob in points}, job.eval, clock,
+                                  knob_label(None), progress, batch_size, n)
+        result[batch_size] = ({label: (timed[label], *np.sum(counted[label], axis=0)) for label in timed}, load)
     return result, sample
 
 
