@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="held-out train examples on which the leaderboard picks each method's operating point")
     run.add_argument("--epochs", type=float, help="override the suite's fine-tuning epochs")
     run.add_argument("--timing-examples", type=int, help="dev examples used for wall-clock timing")
+    run.add_argument("--timing-min-seconds", type=float,
+                     help="timing rounds are added (up to 5x the repeats) until the full model has run this long "
+                          "(default 3); 0 times exactly the suite's repeats, for smoke runs on tiny models")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
     run.add_argument("--exit-decision", choices=("now", "late"),
                      help="layer-wise exits: 'now' decides after each layer (default); 'late' queues the next layer "
@@ -218,6 +221,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = suite.with_epochs(args.epochs)
     if args.timing_examples is not None:
         suite = replace(suite, eval=replace(suite.eval, timing_examples=args.timing_examples))
+    if args.timing_min_seconds is not None:
+        if args.timing_min_seconds < 0:
+            raise ValueError(f"--timing-min-seconds must be >= 0 (seconds), got {args.timing_min_seconds}; "
+                             "use 0 to time exactly the suite's repeats")
+        suite = replace(suite, eval=replace(suite.eval, timing_min_seconds=args.timing_min_seconds))
     if args.exit_decision is not None:
         suite = replace(suite, eval=replace(suite.eval, exit_decision=args.exit_decision))
     out = Path(args.out or f"runs/{suite.name}")

@@ -14,7 +14,7 @@ from eebench.training import NonFiniteLossError
 from conftest import GLUE
 
 TINY = ["--backbone", "tiny-bert", "--train-limit", "32", "--eval-limit", "12", "--epochs", "1",
-        "--timing-examples", "4", "--quiet"]
+        "--timing-examples", "4", "--timing-min-seconds", "0", "--quiet"]
 
 
 class NanLoss(PABEE):
@@ -37,6 +37,7 @@ def test_list_options_accept_commas_and_spaces():
     (["run", "--tasks", "sst3"], "did you mean 'sst2'"),
     (["run", "--suite", "quik"], "Did you mean 'quick'"),
     (["run", "--device", "cuda:3"], "use --device cpu"),
+    (["run", "--timing-min-seconds", "-1"], "use 0 to time exactly the suite's repeats"),
     (["leaderboard", "--results", "/nonexistent/dir"], "eebench run --out"),
 ])
 def test_bad_arguments_fail_with_a_named_fix(capsys, args, expected):

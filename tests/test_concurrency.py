@@ -189,7 +189,7 @@ def test_timing_never_overlaps_other_jobs_but_jobs_overlap_each_other(tmp_path):
 def _run(out: Path, cache: Path, methods: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "eebench.cli", "run", "--suite", "quick", "--backbone", "tiny-bert",
                "--tasks", "sst2", "--data-dir", str(GLUE), "--methods", methods, "--seeds", "0",
-               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4",
+               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4", "--timing-min-seconds", "0",
                "--out", str(out), "--cache-dir", str(cache), "--quiet"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -21,7 +21,7 @@ def _job(**config) -> Job:
     return Job(method="calm", task="dolly", seed=0, backbone="tiny-llama", method_config=config,
                train=TrainConfig(epochs=1, lr=1e-3, batch_size=4, max_seq_length=64),
                eval=EvalConfig(batch_size=4, timing_batch_sizes=(1, 4), timing_examples=4, timing_repeats=1,
-                               timing_warmup=0),
+                               timing_warmup=0, timing_min_seconds=0.0),
                data_dir=GENERATION, train_limit=8, eval_limit=8, selection_examples=8,
                generation=GenerationConfig(max_new_tokens=6, bertscore="none", guarantee_draws=20))
 

@@ -38,7 +38,7 @@ def test_eebench_run_on_slurm_runs_the_groups_as_an_array(slurm, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = [sys.executable, "-m", "eebench.cli", "run", "--suite", "quick", "--backbone", "tiny-bert",
                "--tasks", "sst2", "--data-dir", str(GLUE), "--methods", "pabee,pcee,deebert", "--seeds", "0",
-               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4",
+               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4", "--timing-min-seconds", "0",
                "--out", str(out), "--cache-dir", str(cache), "--quiet", "--executor", "slurm",
                "--slurm-config", str(config), "--slurm-folder", str(tmp_path / "submitit")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **slurm})

@@ -73,7 +73,7 @@ def test_cli_run_killed_and_restarted_resumes(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = [sys.executable, "-m", "eebench.cli", "run", "--suite", "quick", "--backbone", "tiny-bert",
                "--tasks", "sst2", "--data-dir", str(GLUE), "--methods", "pabee,deebert", "--seeds", "0", "1",
-               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4",
+               "--train-limit", "48", "--eval-limit", "16", "--epochs", "1", "--timing-examples", "4", "--timing-min-seconds", "0",
                "--out", str(out), "--cache-dir", str(cache), "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
