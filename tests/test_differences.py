@@ -105,3 +105,18 @@ def test_leaderboard_file_gets_the_section_only_with_intervals(tmp_path):
     text = path.read_text()
     assert "## Which differences the intervals resolve" in text and "| sst2 | AUC | alpha" in text
     assert set(board.attrs["differences"].score) == {"auc"}  # no selection set, so no held-out pick pair
+
+
+def test_a_method_with_an_extra_seed_is_compared_on_the_seeds_both_have():
+    # alpha has seeds 0 and 1, beta only seed 0 (a folder still being filled): alpha's seed-1 AUC (0.4415)
+    # must not enter the pair, which is seed 0 alone: 0.6225 vs 0.361
+    records = pd.DataFrame(ALPHA_AHEAD_IN_BOTH[:9])
+    row = method_differences(records, draws_for(records, [0.0, 0.01, -0.01]), scores=("auc",)).iloc[0]
+    assert (row.better, row.worse, row.seeds, row.seeds_ahead, row.seeds_differ) == ("alpha", "beta", 1, 1, True)
+    assert row.better_value == pytest.approx(0.6225) and row.difference == pytest.approx(0.6225 - 0.361)
+    assert row.diff_low > 0 and row.verdict == RESOLVED
+    assert "| 1/1 (shared seeds) | resolved |" in differences_markdown(method_differences(records, draws_for(
+        records, [0.0]), scores=("auc",)))
+    # with every seed on both sides there is no mark
+    full = pd.DataFrame(ALPHA_AHEAD_IN_BOTH)
+    assert not method_differences(full, draws_for(full, [0.0]), scores=("auc",)).iloc[0].seeds_differ
