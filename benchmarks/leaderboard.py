@@ -129,58 +129,87 @@ def frontier_auc(speedups: np.ndarray, metrics: np.ndarray, lo: float = 1.0, hi:
     floor: a constant answer is available at any speed-up, so a grid that stops early is extended at the floor
     rather than at 0, and a point below the floor counts as the floor. Result is on the metric's scale.
     """
+    return float(_frontier_auc_draws(np.asarray(speedups, float), np.asarray(metrics, float)[:, None], lo, hi,
+                                     floor)[0])
+
+
+def _frontier_auc_draws(speedups: np.ndarray, metrics: np.ndarray, lo: float, hi: float, floor: float
+                        ) -> np.ndarray:
+    """:func:`frontier_auc` of every column of `metrics` (points, draws) at the same `speedups` (points,):
+    (draws,). A point with a NaN speed-up is left out; a NaN metric counts for nothing in its draw."""
     if not hi > lo:
         raise ValueError(f"auc_range must satisfy a < b, got ({lo}, {hi})")
-    s = np.asarray(speedups, dtype=float)
-    m = np.asarray(metrics, dtype=float)
-    keep = ~(np.isnan(s) | np.isnan(m))
-    s, m = s[keep], m[keep]
+    keep = ~np.isnan(speedups)
+    s, m = speedups[keep], np.where(np.isnan(metrics[keep]), -np.inf, metrics[keep])
     # best(s) is a non-increasing step function that only changes at the points' speed-ups, so it is
     # constant on (left, right] between consecutive edges and equals best(right) there.
     edges = np.unique(np.clip(np.concatenate([[lo, hi], s]), lo, hi))
-    area = 0.0
+    area = np.zeros(m.shape[1])
     for left, right in zip(edges[:-1], edges[1:], strict=True):
-        reach = s >= right
-        area += (right - left) * max(floor, m[reach].max() if reach.any() else floor)
-    return float(area / (hi - lo))
+        area += (right - left) * np.fmax(floor, _column_max(m[s >= right]))  # fmax: nothing reaches -> floor
+    return area / (hi - lo)
+
+
+def _column_max(values: np.ndarray) -> np.ndarray:
+    """Max over rows of (rows, draws), skipping NaN and -inf; NaN for a column with nothing (pandas' max)."""
+    if len(values) == 0:
+        return np.full(values.shape[1], np.nan)
+    best = np.where(np.isnan(values), -np.inf, values).max(axis=0)
+    return np.where(np.isneginf(best), np.nan, best)
 
 
 def _seed_scores(group: pd.DataFrame, settings: ScoreSettings, standard: float = math.nan) -> dict:
     """Scores of one (task, method, backbone, seed): see :func:`leaderboard`. `standard`: the task's standard
     fine-tune's full-model metric on the same backbone and seed (NaN when that job is not in the records)."""
+    scores = _score_draws(group, group["metric"].to_numpy(float)[:, None], settings, standard)
+    return {"metric_name": group["metric_name"].iloc[0], **{name: float(values[0]) for name, values in scores.items()}}
+
+
+def _score_draws(group: pd.DataFrame, metrics: np.ndarray, settings: ScoreSettings, standard: float
+                 ) -> dict[str, np.ndarray]:
+    """{score: (draws,)}: every SCORE_COLUMNS score of one (task, method, backbone, seed) for each column of
+    `metrics` (the group's rows x draws: one column of the measured metrics, or one per bootstrap draw). Speed-
+    ups, the floor and the held-out pick's choice are the same in every column; only metrics vary."""
     speedup, tolerance = settings.speedup, settings.tolerance
-    full = group[group["is_full_model"]]
-    pts = group[~group["is_full_model"]]
-    full_metric = float(full["metric"].mean()) if len(full) else math.nan
+    is_full = group["is_full_model"].to_numpy(bool)
+    draws = metrics.shape[1]
     floors = group["floor_metric"].dropna() if "floor_metric" in group else pd.Series(dtype=float)
     floor = float(floors.iloc[0]) if len(floors) else math.nan
-    above_floor = (lambda m: m > floor + FLOOR_MARGIN + _EPS) if not math.isnan(floor) else (lambda m: np.ones(len(m), bool))
+    # pandas' mean: NaN rows skipped, NaN when none is left
+    full_metric = pd.DataFrame(metrics[is_full]).mean(axis=0).to_numpy(float) if is_full.any() else np.full(draws, np.nan)
+    point_speedups, point_metrics = group[speedup].to_numpy(float)[~is_full], metrics[~is_full]
 
-    def best_at(threshold: float) -> float:
-        hit = pts.loc[pts[speedup] >= threshold - _EPS, "metric"]
-        return float(hit.max()) if len(hit) else math.nan
+    def best_at(threshold: float) -> np.ndarray:
+        return _column_max(point_metrics[point_speedups >= threshold - _EPS])
 
     # The full model is the 1.0x point by definition (a measured wall-clock ratio may be 0.98).
-    s = np.concatenate([np.ones(len(full)), pts[speedup].to_numpy(float)])
-    m = np.concatenate([full["metric"].to_numpy(float), pts["metric"].to_numpy(float)])
+    s = np.concatenate([np.ones(is_full.sum()), point_speedups])
+    m = np.concatenate([metrics[is_full], point_metrics])
     # A point at or below the floor has learned nothing a constant lacks: it never counts as "within 1 point"
     # (HashEE's floor classifier on MRPC, TR-BERT's all-positive point), even when its full model is there too.
-    useful = above_floor(m)
-    within = s[useful & (m >= full_metric - tolerance - _EPS)]
-    within_standard = s[useful & (m >= standard - tolerance - _EPS)] if not math.isnan(standard) else np.array([])
-    pick_speedup, pick_metric = _held_out_pick(full, pts, settings)
+    useful = m > floor + FLOOR_MARGIN + _EPS if not math.isnan(floor) else np.ones(m.shape, bool)
+
+    def fastest(within: np.ndarray) -> np.ndarray:  # the largest speed-up among the points `within` (points, draws)
+        return _column_max(np.where(within, s[:, None], np.nan))
+
+    pick = held_out_pick_row(group[is_full], group[~is_full], tolerance)
+    if pick is None:
+        pick_speedup, pick_metric = math.nan, np.full(draws, np.nan)
+    elif bool(pick["is_full_model"]):  # the full model counts as 1x with the full metric
+        pick_speedup, pick_metric = 1.0, full_metric
+    else:
+        pick_speedup, pick_metric = float(pick[speedup]), metrics[group.index.get_loc(pick.name)]
     return {
-        "metric_name": group["metric_name"].iloc[0],
         "full_model_metric": full_metric,
         "metric_at_1.5x": best_at(1.5),
         "metric_at_2x": best_at(2.0),
-        "best_speedup_within_1pt": float(within.max()) if len(within) else math.nan,
-        "auc": frontier_auc(s, m, *settings.auc_range, 0.0 if math.isnan(floor) else floor),
-        "heldout_pick_speedup": pick_speedup,
+        "best_speedup_within_1pt": fastest(useful & (m >= full_metric - tolerance - _EPS)),
+        "auc": _frontier_auc_draws(s, m, *settings.auc_range, 0.0 if math.isnan(floor) else floor),
+        "heldout_pick_speedup": np.full(draws, pick_speedup),
         "heldout_pick_metric": pick_metric,
-        "floor_metric": floor,
-        "standard_finetune_metric": standard,
-        "best_speedup_within_1pt_of_standard": float(within_standard.max()) if len(within_standard) else math.nan,
+        "floor_metric": np.full(draws, floor),
+        "standard_finetune_metric": np.full(draws, standard),
+        "best_speedup_within_1pt_of_standard": fastest(useful & (m >= standard - tolerance - _EPS)),
     }
 
 
@@ -195,17 +224,6 @@ def held_out_pick_row(full: pd.DataFrame, pts: pd.DataFrame, tolerance: float = 
     if eligible.empty:
         return full.iloc[0]
     return eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
-
-
-def _held_out_pick(full: pd.DataFrame, pts: pd.DataFrame, settings: ScoreSettings) -> tuple[float, float]:
-    """Dev (speed-up, metric) of :func:`held_out_pick_row`; NaN when the job stored no selection set. The full
-    model counts as 1x with the seed-averaged full metric."""
-    best = held_out_pick_row(full, pts, settings.tolerance)
-    if best is None:
-        return math.nan, math.nan
-    if bool(best["is_full_model"]):
-        return 1.0, float(full["metric"].mean())
-    return float(best[settings.speedup]), float(best["metric"])
 
 
 def _standard_finetunes(points: pd.DataFrame) -> dict[tuple, float]:
@@ -308,11 +326,10 @@ def draw_seed_scores(records: pd.DataFrame, draws: dict[tuple[str, str], np.ndar
             raise ValueError(f"no per-example results for {', '.join(missing[:3])}: intervals need the examples "
                              "tables that `eebench run` stores in DIR/examples/")
         stacked = np.stack([draws[(j, k)] for j, k in zip(group["job_id"], labels, strict=True)])  # (points, R)
-        standard = standards.get((key[0], key[2], key[3]), math.nan)
-        scores = [_seed_scores(group.assign(metric=stacked[:, r]), settings, standard)
-                  for r in range(stacked.shape[1])]
-        per_seed.append(pd.DataFrame([{**dict(zip(SEED_KEYS, key, strict=True)), "draw": r,
-                                       **{c: s[c] for c in CI_SCORES}} for r, s in enumerate(scores)]))
+        scores = _score_draws(group, stacked, settings, standards.get((key[0], key[2], key[3]), math.nan))
+        frame = pd.DataFrame({name: scores[name] for name in CI_SCORES})
+        frame.insert(0, "draw", np.arange(stacked.shape[1]))
+        per_seed.append(frame.assign(**dict(zip(SEED_KEYS, key, strict=True)))[[*SEED_KEYS, "draw", *CI_SCORES]])
     if not per_seed:
         return pd.DataFrame(columns=[*SEED_KEYS, "draw", *CI_SCORES])
     return pd.concat(per_seed, ignore_index=True)

@@ -307,3 +307,34 @@ def test_leaderboard_intervals_recompute_each_score_per_draw_and_average_seeds(r
     assert "auc_ci_high" in board and "[" in to_markdown(board)
     with pytest.raises(ValueError, match="per-example"):
         leaderboard_intervals(records, {k: v for k, v in draws.items() if k[0] != "beta-sst2-1-minilm"})
+
+
+def test_every_score_of_every_draw_equals_the_scores_recomputed_on_that_draws_metrics():
+    """draw_seed_scores computes all draws at once; per draw it must give what per_seed_scores gives on records
+    whose metrics are that draw's: floors, the standard fine-tune, held-out picks (of a point and of the full
+    model) and NaN metrics included."""
+    from eebench.leaderboard import CI_SCORES, draw_seed_scores
+
+    rows = [*curve("deebert", 0, 0.90, [(1.5, 0.895), (2.6, 0.83)], floor_metric=0.81),
+            *curve("pabee", 0, 0.86, [(1.4, 0.855), (1.8, 0.89), (3.5, 0.81)], floor_metric=0.81),
+            *curve("pcee", 0, 0.88, [(1.2, 0.87)], floor_metric=0.81)]
+    held_out = {("pabee", "t=0.2"): (0.86, 1.8), ("pabee", "full model"): (0.87, 1.0),
+                ("pcee", "t=0.1"): (0.5, 1.2), ("pcee", "full model"): (0.88, 1.0)}
+    for row in rows:
+        label = "full model" if row["is_full_model"] else row["knob_label"]
+        row["selection_metric"], row["selection_saved_layer_speedup"] = held_out.get((row["method"], label), (0.0, 1.1))
+    records = pd.DataFrame(rows)
+    rng = np.random.default_rng(0)
+    draws = {}
+    for row in rows:
+        label = "full model" if row["is_full_model"] else row["knob_label"]
+        draws[(row["job_id"], label)] = np.clip(row["metric"] + rng.normal(0, 0.03, 6), 0, 1)
+    draws[("pabee-sst2-0-minilm", "t=0.2")][3] = np.nan  # a point whose metric is undefined in one draw
+    per_draw = draw_seed_scores(records, draws).set_index(["method", "draw"])
+    for draw in range(6):
+        labels = records["knob_label"].where(~records["is_full_model"], "full model")
+        drawn = records.assign(metric=[draws[(j, k)][draw] for j, k in zip(records.job_id, labels, strict=True)])
+        expected = per_seed_scores(drawn).set_index("method")
+        for method in ("deebert", "pabee", "pcee"):
+            assert per_draw.loc[(method, draw), CI_SCORES].to_numpy(float) == pytest.approx(
+                expected.loc[method, CI_SCORES].to_numpy(float), nan_ok=True), (method, draw)
