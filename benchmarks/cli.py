@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timing-examples", type=int, help="dev examples used for wall-clock timing")
     run.add_argument("--timing-min-seconds", type=float,
                      help="timing rounds are added (up to 5x the repeats) until the full model has run this long "
-                          "(default 3); 0 times exactly the suite's repeats, for smoke runs on tiny models")
+                          "(default: the suite's, 3 s for most); 0 times exactly the suite's repeats, for smoke runs on tiny models")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
     run.add_argument("--exit-decision", choices=("now", "late"),
                      help="layer-wise exits: 'now' decides after each layer (default); 'late' queues the next layer "
