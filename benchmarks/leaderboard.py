@@ -1,4 +1,4 @@
-"""Results store (``DIR/records.jsonl``) -> per-seed scores -> leaderboard table and markdown.
+"""Results store (``DIR/records.jsonl``, or its ``jobs/`` files) -> per-seed scores -> leaderboard table and markdown.
 
 Units: metrics are on the records' own scale (0..1 for accuracy/F1, a correlation for MCC/Spearman)
 and are shown x100 in markdown; speed-ups are ratios (full-model cost / point cost, 1.0 = no gain).
@@ -68,32 +68,45 @@ class ScoreSettings:
 DEFAULT_SCORING = ScoreSettings()
 
 
+def _record_files(results_dir: Path) -> list[Path]:
+    """Where a folder's records are: ``records.jsonl`` (all jobs' lines, merged ones too); or, where only
+    ``jobs/`` is present (a git checkout: records.jsonl is derived from jobs/ and not tracked), the per-job
+    files in the order the store concatenates them."""
+    merged = results_dir / RECORDS_FILE
+    if merged.is_file():
+        return [merged]
+    jobs = sorted((results_dir / "jobs").glob("*.jsonl")) if (results_dir / "jobs").is_dir() else []
+    if not jobs:
+        raise FileNotFoundError(
+            f"no results store at {results_dir} (neither {RECORDS_FILE} nor jobs/*.jsonl): run "
+            f"`eebench run --out {results_dir}` first"
+        )
+    return jobs
+
+
 def load_records(results_dir: str | Path) -> pd.DataFrame:
-    """Read ``results_dir/records.jsonl`` into one row per (operating point, batch size).
+    """Read a results folder into one row per (operating point, batch size): ``results_dir/records.jsonl``,
+    or the per-job files ``results_dir/jobs/*.jsonl`` it is rebuilt from when it is absent (read-only).
 
     Blank lines are skipped. ``knob`` / ``metrics`` / ``config`` / ``environment`` stay dict columns.
-    Raises FileNotFoundError when the file is absent, ValueError (naming file and line) on a bad line.
+    Raises FileNotFoundError when the folder holds neither, ValueError (naming file and line) on a bad line.
     """
-    path = Path(results_dir) / RECORDS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no results store at {path}: run `eebench run --out {Path(results_dir)}` first"
-        )
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [f for f in REQUIRED_FIELDS if f not in row]
-            if missing:
-                raise ValueError(f"{path}, line {lineno}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    for path in _record_files(Path(results_dir)):
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {lineno}: malformed JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                missing = [f for f in REQUIRED_FIELDS if f not in row]
+                if missing:
+                    raise ValueError(f"{path}, line {lineno}: missing field(s) {', '.join(missing)}")
+                rows.append(row)
     if not rows:
         return pd.DataFrame(columns=list(REQUIRED_FIELDS))
     records = pd.DataFrame(rows)

@@ -188,8 +188,27 @@ def test_load_records_roundtrip(tmp_path, records):
 
 
 def test_load_records_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"records\.jsonl.*eebench run --out"):
+    with pytest.raises(FileNotFoundError, match=r"neither records\.jsonl nor jobs/\*\.jsonl.*eebench run --out"):
         load_records(tmp_path / "nowhere")
+
+
+def test_load_records_reads_the_job_files_of_a_checkout_without_records_jsonl(tmp_path):
+    """results/*/records.jsonl is not tracked in git (it is rebuilt from jobs/): a fresh clone's folder reads
+    the same from its jobs/ files as the store's rebuilt file, read-only, and a bad line names its job file."""
+    from eebench.store import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    for job_id, rows in {"b2": RECORDS[2:], "a1": RECORDS[:2]}.items():
+        store.commit(job_id, [dict(row, job_id=job_id) for row in rows])
+    rebuilt = load_records(tmp_path)
+    (tmp_path / "records.jsonl").unlink()
+    from_jobs = load_records(tmp_path)
+    pd.testing.assert_frame_equal(from_jobs, rebuilt)
+    assert not (tmp_path / "records.jsonl").exists()  # reading never writes
+    assert list(from_jobs["job_id"]) == ["a1"] * 2 + ["b2"] * (len(RECORDS) - 2)
+    (tmp_path / "jobs" / "b2.jsonl").write_text('{"method": "alpha"\n')
+    with pytest.raises(ValueError, match=r"jobs/b2\.jsonl, line 1: malformed JSON"):
+        load_records(tmp_path)
 
 
 def test_load_records_malformed_line_names_line(tmp_path):
