@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def test_micro_benchmarks_run_once_each():
                              str(ROOT / "benchmarks" / "micro")], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "21 passed" in result.stdout
+    assert "26 passed" in result.stdout
 
 
 def _script(name: str, *args: str) -> str:
@@ -64,3 +66,32 @@ def test_timing_agreement_compares_two_stored_runs_of_one_job():
     assert [row[2].strip() for row in rows] == ["1", "32"] and all(row[3].strip() == "22" for row in rows)
     gap_bs1 = float(rows[0][8].split("/")[0])
     assert 0 < gap_bs1 < 0.05  # the two runs of the batch-interleaved clock agree within 5 % at bs 1
+
+
+def test_profile_exit_prints_each_rules_no_exit_floor_and_bytes_bound():
+    """profile_exit.py's summary lines (issue 18): per rule, the realization of a point that exits nowhere, the
+    floor of such a point (every head, no decision) with the share reached, and the weight-bytes bound."""
+    import re
+
+    from conftest import GLUE
+
+    printed = _script("profile_exit.py", "--backbone", "tiny-bert", "--task", "sst2", "--data-dir", str(GLUE),
+                      "--examples", "4", "--batch-sizes", "1", "--rounds", "1", "--threads", "1", "--no-profile")
+    pattern = re.compile(r"realization of a point that exits nowhere: ([\d.]+) \[.*\] \((\S+), \w+\); its floor "
+                         r"\(embeddings \+ (\d) layers \+ \3 heads\) allows ([\d.]+), share ([\d.]+); weight-bytes "
+                         r"bound ([\d.]+)")
+    rows = {match[2]: match for match in map(pattern.search, printed.splitlines()) if match}
+    assert sorted(rows) == sorted(["entropy", "patience", "confident-streak", "lte", "policy"])
+    for match in rows.values():
+        realization, allows, share, bound = (float(match[i]) for i in (1, 4, 5, 6))
+        assert share == pytest.approx(realization / allows, abs=2e-3)
+        assert 0 < bound < 1  # a no-exit point reads L - 1 more heads' weights than the full model
+    # the policy net is read beside every head: ConsistentEE's bound is the lowest
+    assert float(rows["policy"][6]) < float(rows["entropy"][6])
+
+
+def test_head_cache_script_times_a_head_and_a_layer_hot_and_cold():
+    printed = _script("head_cache.py", "--backbone", "tiny-bert", "--repeats", "3", "--flush-mb", "4", "--threads", "1")
+    ratios = printed.splitlines()[-1].split()
+    assert ratios[:3] == ["head", "/", "layer:"] and 0 < float(ratios[4].rstrip(",")) < 1  # bytes: a head < a layer
+    assert sum(" hot " in line and " cold " in line and line.endswith(" us") for line in printed.splitlines()) == 2

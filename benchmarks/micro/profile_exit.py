@@ -11,6 +11,9 @@ patience can fire). Times, at each batch size:
   floor@k        embeddings + layers 1..k + k heads (k = 1, 2): the least an example exiting at layer k can cost;
   no-exit RULE   `early_exit` with the rule at a setting that never fires: every head, every decision, no saving;
                  full / no-exit is the realization such a point gets (1.0 = the heads and decisions are free);
+  heads@L RULE   embeddings + all L layers + all L exit heads of the rule's network, no decision: what a point
+                 that exits nowhere cannot avoid (a rule must read every head to decide), so
+                 (full / no-exit) / (full / heads@L) is the share of that floor the rule reaches;
   exit@k RULE    `early_exit` with the rule at a setting that fires at the earliest layer it can (k = 1; PABEE's
                  patience needs two agreeing layers, k = 2); (full / exit@k) / (full / floor@k) is the share of
                  what the floor allows that the clock gives.
@@ -18,6 +21,9 @@ Timing is PAIRED: each candidate runs on each batch right next to its own run of
 alternates; candidate order rotates), and a ratio is the median over all (round, batch) pairs, with its
 interquartile range. On a shared 2-core VM whole-pass times spread 30-45 % between repeats (other tenants), while
 adjacent runs of ~10 ms see the same machine. Run it with every other process of yours paused.
+Beside the clock, a weight-bytes bound: at batch size 1 a layer is memory-bound (its 7 MB of fp32 weights stream
+from memory for ~25 tokens), so a point that exits nowhere, reading L - 1 more heads' weights than the full model,
+cannot realize more than bytes(full) / bytes(no-exit) (MiniLM's d x d pooler is 0.084 of a layer: bound 0.936).
 Then a torch.profiler table of the entropy rule's no-exit run (self CPU time per op), so the remaining time has names.
 
 On a GPU (`--device cuda`) each timed call is bracketed by device syncs, and `--exit-decision late` times the
@@ -27,6 +33,7 @@ one-layer-late decisions (`MultiExitModel.early_exit`: no host sync per layer; e
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -71,6 +78,18 @@ def layers_only(model: MultiExitModel, batch, depth: int | None = None, heads: i
         if layer > depth - heads:
             model.head(layer, hidden, batch["attention_mask"])
     return hidden
+
+
+def weight_bytes_bound(model: MultiExitModel) -> float:
+    """bytes(full) / bytes(no-exit) of the weights each reads once: L layers + the last head, against L layers + all
+    L heads (Linear weights and biases of each head, a pooler shared by several heads counted once per head: after
+    a 7 MB layer it is back in memory, not cache)."""
+    def head_bytes(head) -> int:
+        return sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+                   for m in head.modules() if isinstance(m, torch.nn.Linear)) * 4
+    layer_bytes = sum(p.numel() for p in model.backbone.layers.parameters()) * 4
+    heads = [head_bytes(head) for head in model.heads]
+    return (layer_bytes + heads[-1]) / (layer_bytes + sum(heads))
 
 
 def early_exit_with(model: MultiExitModel, rule) -> Callable[[object], object]:
@@ -158,18 +177,21 @@ def main() -> None:
                 "floor@2": lambda b: layers_only(reference, b, 2, heads=2),
             }
             for rule, ((_, never, earliest, layer), method, model) in built.items():
+                candidates[f"heads@L {rule}"] = functools.partial(layers_only, model, heads=model.num_layers)
                 candidates[f"no-exit {rule}"] = early_exit_with(model, method.exit_rule(never))
                 candidates[f"exit@{layer} {rule}"] = early_exit_with(model, method.exit_rule(earliest))
             pairs = paired_times(reference.full, candidates, batches, args.rounds, sync)
+            layers = reference.num_layers
             full_ms = statistics.median(ref for _, ref in pairs["layers-only"]) * len(batches) * 1e3
             print(f"\nbatch size {batch_size}: full {full_ms:.1f} ms per pass (median batch x batches); paired "
                   "medians, of full: " + ", ".join(f"{name} {paired_ratio(pairs[name])[0]:.3f}"
                                                    for name in ("layers-only", "embeddings", "floor@1", "floor@2")))
-            layers = reference.num_layers
-            for rule, ((method_name, _, _, _), _, _) in built.items():
+            for rule, ((method_name, _, _, _), _, model) in built.items():
                 realization, low, high = paired_ratio(pairs[f"no-exit {rule}"], invert=True)
+                allows = paired_ratio(pairs[f"heads@L {rule}"], invert=True)[0]
                 print(f"  realization of a point that exits nowhere: {realization:.3f} [{low:.3f}, {high:.3f}] "
-                      f"({rule}, {method_name})")
+                      f"({rule}, {method_name}); its floor (embeddings + {layers} layers + {layers} heads) allows "
+                      f"{allows:.3f}, share {realization / allows:.3f}; weight-bytes bound {weight_bytes_bound(model):.3f}")
             for rule, ((_, _, _, layer), _, _) in built.items():
                 speedup = paired_ratio(pairs[f"exit@{layer} {rule}"], invert=True)[0]
                 allows = paired_ratio(pairs[f"floor@{layer}"], invert=True)[0]

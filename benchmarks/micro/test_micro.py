@@ -17,7 +17,9 @@ import os
 
 import pytest
 import torch
-from profile_exit import RULES, build  # benchmarks/micro/profile_exit.py: one table of rules for both
+
+# benchmarks/micro/profile_exit.py: one table of rules for both
+from profile_exit import RULES, build, layers_only
 
 from eebench.backbones import load_backbone
 from eebench.methods.exits import ExitHead, MultiExitModel, RuleState
@@ -120,6 +122,17 @@ def test_no_exit_point_at_batch_size_one(benchmark, rule_networks, rule):
         else:
             method, model = rule_networks[rule]
             benchmark(model.early_exit, batch, method.exit_rule(RULES[rule][1]))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_no_exit_floor_at_batch_size_one(benchmark, rule_networks, rule):
+    """What a point that exits nowhere cannot avoid: all L layers and all L heads of the rule's network, no
+    decision. no-exit / this = what the rule's decisions and bookkeeping add (profile_exit.py prints the share)."""
+    benchmark.group = "no-exit bs1"
+    _, model = rule_networks[rule]
+    batch = _batch(model, 1)
+    with torch.inference_mode():
+        benchmark(layers_only, model, batch, heads=model.num_layers)
 
 
 def test_bootstrap_scores_of_a_stored_leaderboard(benchmark):
