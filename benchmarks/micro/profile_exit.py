@@ -191,7 +191,8 @@ def main() -> None:
                 allows = paired_ratio(pairs[f"heads@L {rule}"], invert=True)[0]
                 print(f"  realization of a point that exits nowhere: {realization:.3f} [{low:.3f}, {high:.3f}] "
                       f"({rule}, {method_name}); its floor (embeddings + {layers} layers + {layers} heads) allows "
-                      f"{allows:.3f}, share {realization / allows:.3f}; weight-bytes bound {weight_bytes_bound(model):.3f}")
+                      f"{allows:.3f}, share {realization / allows:.3f}" + (  # memory-bound at batch size 1 only
+                          f"; weight-bytes bound {weight_bytes_bound(model):.3f}" if batch_size == 1 else ""))
             for rule, ((_, _, _, layer), _, _) in built.items():
                 speedup = paired_ratio(pairs[f"exit@{layer} {rule}"], invert=True)[0]
                 allows = paired_ratio(pairs[f"floor@{layer}"], invert=True)[0]
