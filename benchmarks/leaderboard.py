@@ -298,6 +298,8 @@ def leaderboard(
         "auc", "auc_std",
     ]  # fmt: skip
     board = board.reindex(columns=order)
+    if speedup == "wallclock_speedup":
+        board = board.merge(_flagged_timings(records, batch_size), on=ROW_KEYS, how="left")
     if draws is not None:
         intervals = leaderboard_intervals(records, draws, settings)
         board = board.merge(intervals, on=ROW_KEYS, how="left")
@@ -310,6 +312,20 @@ def leaderboard(
         speedup=speedup, tolerance=tolerance, auc_range=settings.auc_range, batch_sizes=[int(b) for b in used]
     )
     return board
+
+
+def _flagged_timings(records: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """Per (task, method, backbone), over all seeds at the batch size used: ``flagged_timings``, the timed
+    points the runner judged implausible (a non-empty ``timing_flag``: realization above 1.15 or a speed-up
+    spread over rounds beyond the noise), and ``timed_points``. Flagged points still enter the wall-clock
+    scores as measured (dropping them would move a frontier silently); the count tells a reader which rows
+    to read with care, and `eebench points` lists each point and why."""
+    points = operating_points(records, batch_size)
+    timed = points[points["wallclock_speedup"].notna()] if "wallclock_speedup" in points else points.iloc[:0]
+    flags = timed["timing_flag"] if "timing_flag" in timed else pd.Series("", index=timed.index)
+    is_flagged = flags.fillna("").astype(str).ne("")
+    counts = is_flagged.groupby([timed[key] for key in ROW_KEYS]).agg(["sum", "size"])
+    return counts.rename(columns={"sum": "flagged_timings", "size": "timed_points"}).reset_index()
 
 
 # Scores whose value moves when dev examples are resampled (the held-out pick's speed-up is fixed by the
@@ -410,7 +426,8 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
                *(["standard fine-tune"] if standard else []), *(["floor"] if floors else []),
                *(["held-out pick: speed-up / metric"] if held_out else []),
                "dev max: metric @1.5x", "dev max: metric @2x", f"dev max: speed-up @−{tol:g}pt",
-               *([f"dev max: speed-up @−{tol:g}pt of standard"] if standard else []), f"AUC {lo:g}–{hi:g}x"]
+               *([f"dev max: speed-up @−{tol:g}pt of standard"] if standard else []), f"AUC {lo:g}–{hi:g}x",
+               *(["flagged timings"] if "flagged_timings" in board else [])]
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join([":---"] * 4 + ["---:"] * (len(headers) - 4)) + "|",
@@ -440,6 +457,7 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
             speedup_text(row["best_speedup_within_1pt"]) + ci(row, "best_speedup_within_1pt", speedup_text),
             *([speedup_text(row["best_speedup_within_1pt_of_standard"])] if standard else []),
             metric_text(row["auc"], digits, row["auc_std"]) + ci(row, "auc"),
+            *([_flagged_text(row)] if "flagged_timings" in board else []),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     seeds = int(board["seeds"].max()) if len(board) else 0
@@ -457,9 +475,19 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         f"{tol:g} pt of the reference and above the floor; AUC {lo:g}–{hi:g}x = mean over s of max(floor, best "
         "metric at ≥ s).",
         *(["[a, b]: 95 % bootstrap interval over dev examples (1000 resamples, seed 0)."] if with_ci else []),
+        *(["flagged timings: of the row's timed points (all seeds), those whose clock the runner judged "
+           "implausible (realization > 1.15 or speed-up spread over rounds beyond the noise); they enter the "
+           "scores as measured: `eebench points` lists each and why."] if "flagged_timings" in board else []),
         "Formulas: `eebench glossary`.",
     ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in legend) + "\n"
+
+
+def _flagged_text(row: dict) -> str:
+    flagged, timed = row.get("flagged_timings"), row.get("timed_points")
+    if flagged is None or pd.isna(flagged):
+        return "—"
+    return f"{int(flagged)} of {int(timed)}" + (" †" if flagged else "")
 
 
 def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None, ci: bool = False,

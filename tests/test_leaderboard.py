@@ -357,3 +357,25 @@ def test_every_score_of_every_draw_equals_the_scores_recomputed_on_that_draws_me
         for method in ("deebert", "pabee", "pcee"):
             assert per_draw.loc[(method, draw), CI_SCORES].to_numpy(float) == pytest.approx(
                 expected.loc[method, CI_SCORES].to_numpy(float), nan_ok=True), (method, draw)
+
+
+def test_wallclock_leaderboard_counts_flagged_timings_per_row_and_says_so():
+    """A flagged point (realization 3.8 for a point that saves no layer) is counted in its row of a wall-clock
+    board at that batch size and named in the legend; other batch sizes and the saved-layer board carry no count."""
+    flag = "realization 3.80 > 1.15: faster than the saved layers allow"
+    rows = [make_record(is_full_model=True, timing_flag=""), make_record(speedup=1.0, wallclock_speedup=3.8, timing_flag=flag),
+            make_record(speedup=2.0, knob={"t": 0.2}, knob_label="t=0.2", timing_flag=""),
+            make_record(method="beta", is_full_model=True, timing_flag=""),
+            make_record(method="beta", speedup=1.5, timing_flag=""),
+            *[make_record(method=m, is_full_model=m == "alpha", batch_size=32, timing_flag="") for m in ("alpha", "beta")]]
+    records = pd.DataFrame(rows)
+    board = leaderboard(records, speedup="wallclock_speedup").set_index("method")
+    assert board.loc["alpha", ["flagged_timings", "timed_points"]].tolist() == [1, 3]
+    assert board.loc["beta", ["flagged_timings", "timed_points"]].tolist() == [0, 2]
+    text = to_markdown(board.reset_index())
+    assert "| flagged timings |" in text.splitlines()[0]
+    assert "| 1 of 3 † |" in next(line for line in text.splitlines() if "| alpha |" in line)
+    assert "| 0 of 2 |" in next(line for line in text.splitlines() if "| beta |" in line)
+    assert "flagged timings: of the row's timed points" in text
+    assert leaderboard(records, speedup="wallclock_speedup", batch_size=32)["flagged_timings"].eq(0).all()
+    assert "flagged_timings" not in leaderboard(records) and "flagged timings" not in to_markdown(leaderboard(records))
