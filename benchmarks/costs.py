@@ -43,7 +43,8 @@ GLOSSARY: dict[str, str] = {
                                  "records from before the sample), so that realization compares like with like.",
     "timing_flag": "why a wall-clock number is not to be trusted, '' if nothing: realization > 1.15 (faster than "
                    "the saved layers allow) or wallclock_speedup_spread > 25% after one re-timing. "
-                   "Flagged cells carry a numbered dagger in `eebench points`.",
+                   "Flagged cells carry a numbered dagger in `eebench points`; a wall-clock leaderboard counts "
+                   "them per row (flagged timings: flagged of timed points, all seeds).",
     "mean_token_layer": "token-wise methods: sum over tokens of layers that updated them / real tokens (the token-"
                         "weighted depth); layer-wise methods: mean_exit_layer.",
     "curve_cost_ratio": "time to evaluate every operating point of a job on dev / time of one full-model pass "
