@@ -298,30 +298,28 @@ def leaderboard(
         "auc", "auc_std",
     ]  # fmt: skip
     board = board.reindex(columns=order)
+    points = operating_points(records, batch_size)
     if speedup == "wallclock_speedup":
-        board = board.merge(_flagged_timings(records, batch_size), on=ROW_KEYS, how="left")
+        board = board.merge(_flagged_timings(points), on=ROW_KEYS, how="left")
     if draws is not None:
         intervals = leaderboard_intervals(records, draws, settings)
         board = board.merge(intervals, on=ROW_KEYS, how="left")
     board = board.sort_values(["task", "auc", "method"], ascending=[True, False, True], na_position="last")
     board = board.reset_index(drop=True)
-    used = (
-        sorted(operating_points(records, batch_size)["batch_size"].unique()) if len(records) else [batch_size]
-    )
+    used = sorted(points["batch_size"].unique()) if len(records) else [batch_size]
     board.attrs.update(
         speedup=speedup, tolerance=tolerance, auc_range=settings.auc_range, batch_sizes=[int(b) for b in used]
     )
     return board
 
 
-def _flagged_timings(records: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """Per (task, method, backbone), over all seeds at the batch size used: ``flagged_timings``, the timed
+def _flagged_timings(points: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, method, backbone) of `operating_points`, over all seeds: ``flagged_timings``, the timed
     points the runner judged implausible (a non-empty ``timing_flag``: realization above 1.15 or a speed-up
     spread over rounds beyond the noise), and ``timed_points``. Flagged points still enter the wall-clock
     scores as measured (dropping them would move a frontier silently); the count tells a reader which rows
     to read with care, and `eebench points` lists each point and why."""
-    points = operating_points(records, batch_size)
-    timed = points[points["wallclock_speedup"].notna()] if "wallclock_speedup" in points else points.iloc[:0]
+    timed = points[points["wallclock_speedup"].notna()]
     flags = timed["timing_flag"] if "timing_flag" in timed else pd.Series("", index=timed.index)
     is_flagged = flags.fillna("").astype(str).ne("")
     counts = is_flagged.groupby([timed[key] for key in ROW_KEYS]).agg(["sum", "size"])
