@@ -200,6 +200,9 @@ def _library_bars(shown: bool):
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from eebench.locks import import_holding_shared
+
+    import_holding_shared("eebench.runner", "eebench.leaderboard")  # not inside another run's clock (eebench.locks)
     from eebench.leaderboard import load_records, to_markdown, write_leaderboard
     from eebench.methods import get_method_class
     from eebench.runner import run_jobs

@@ -196,3 +196,30 @@ def test_local_workers_get_one_gpu_each_and_a_share_of_the_threads():
     finally:
         executor.close()
     assert views == [("3", "1", 1, "2"), ("5", "1", 1, "2")]  # the clock, alone on the node, gets 2 threads
+
+
+
+def test_a_starting_worker_waits_for_a_running_clock_before_its_imports(tmp_path, monkeypatch):
+    """A worker's start-up (torch, the jobs' module) runs under the node's shared hold: while another process
+    holds the clock, the worker imports nothing; once the clock ends it imports and runs its call."""
+    from eebench.locks import NodeActivity
+
+    (tmp_path / "startup_probe.py").write_text("import time\nIMPORTED_AT = time.time()\n\n\n"
+                                               "def imported_at():\n    return IMPORTED_AT\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("EEBENCH_NODE_LOCK_DIR", str(tmp_path / "node"))  # the spawned worker inherits both
+    import startup_probe
+
+    clock = NodeActivity(tmp_path / "node")
+    executor = LocalExecutor(1, gpus=[], threads=1, timing_threads=1)
+    try:
+        with clock.timing():
+            (handle,) = executor.submit(startup_probe.imported_at, [()])
+            deadline = time.time() + 10.0  # a worker that ignored the clock would have answered by then
+            while time.time() < deadline and not handle.future.done():
+                time.sleep(0.2)
+            released = time.time()
+        imported_at = handle.result()
+    finally:
+        executor.close()
+    assert imported_at > released, f"the worker imported the job's module {released - imported_at:.1f} s inside the clock"

@@ -22,20 +22,25 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _init_worker(slots, gpus: list[str], threads: int, timing_threads: int) -> None:
+def _init_worker(slots, gpus: list[str], threads: int, timing_threads: int, job_module: str) -> None:
     """Runs once in each new worker, before any job: take a slot, then its GPU and its share of the threads.
     CUDA reads CUDA_VISIBLE_DEVICES when it initialises, which no job has done yet; so `--device cuda` is
     this worker's own GPU. The clock runs alone on the node (`timing.exclusive_timing`), so it gets the
-    threads a serial run has (`timing_threads`): wall-clock figures must not depend on the worker count."""
-    from eebench.timing import TIMING_THREADS_ENV
+    threads a serial run has (`timing_threads`): wall-clock figures must not depend on the worker count.
+    torch and the jobs' module (`job_module`, where the submitted function lives) are imported under the
+    node's shared hold, so a worker starting up never runs inside another worker's clock (`eebench.locks`)."""
+    from eebench.locks import import_holding_shared
 
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    os.environ[TIMING_THREADS_ENV] = str(timing_threads)
     os.environ["EEBENCH_WORKER_SLOT"] = str(slot)
+    import_holding_shared("torch", "eebench.timing", job_module)
     import torch
+
+    from eebench.timing import TIMING_THREADS_ENV
+    os.environ[TIMING_THREADS_ENV] = str(timing_threads)
     torch.set_num_threads(threads)
 
 
@@ -84,7 +89,7 @@ class LocalExecutor:
             for slot in range(self.workers):
                 slots.put(slot)
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_init_worker, initargs=(slots, self.gpus, self.threads, self.timing_threads))
+                self.workers, mp_context=context, initializer=_init_worker, initargs=(slots, self.gpus, self.threads, self.timing_threads, fn.__module__))
         return [_FutureHandle(self._pool.submit(fn, *args), f"local-{i}") for i, args in enumerate(calls)]
 
     def as_completed(self, handles: Sequence[_FutureHandle]) -> Iterator[_FutureHandle]:
