@@ -199,27 +199,35 @@ def test_local_workers_get_one_gpu_each_and_a_share_of_the_threads():
 
 
 
-def test_a_starting_worker_waits_for_a_running_clock_before_its_imports(tmp_path, monkeypatch):
-    """A worker's start-up (torch, the jobs' module) runs under the node's shared hold: while another process
-    holds the clock, the worker imports nothing; once the clock ends it imports and runs its call."""
+@pytest.mark.parametrize("kind", ["local", "submitit-local"])
+def test_a_starting_worker_waits_for_a_running_clock_before_its_imports(tmp_path, monkeypatch, kind):
+    """A worker's start-up (torch, the jobs' module, a Slurm task's arguments) runs under the node's shared
+    hold: while another process holds the clock, the worker imports nothing; once the clock ends it imports
+    and runs its call."""
     from eebench.locks import NodeActivity
 
     (tmp_path / "startup_probe.py").write_text("import time\nIMPORTED_AT = time.time()\n\n\n"
-                                               "def imported_at():\n    return IMPORTED_AT\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("EEBENCH_NODE_LOCK_DIR", str(tmp_path / "node"))  # the spawned worker inherits both
+                                               "def imported_at(_):\n    return IMPORTED_AT\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a spawned worker gets sys.path, a submitit task PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("EEBENCH_NODE_LOCK_DIR", str(tmp_path / "node"))
     import startup_probe
 
     clock = NodeActivity(tmp_path / "node")
-    executor = LocalExecutor(1, gpus=[], threads=1, timing_threads=1)
+    executor = (LocalExecutor(1, gpus=[], threads=1, timing_threads=1) if kind == "local"
+                else SubmititExecutor(tmp_path / "submitit", cluster="local", options=SlurmOptions(poll_seconds=0.2)))
     try:
         with clock.timing():
-            (handle,) = executor.submit(startup_probe.imported_at, [()])
+            (handle,) = executor.submit(startup_probe.imported_at, [(None,)])
             deadline = time.time() + 10.0  # a worker that ignored the clock would have answered by then
-            while time.time() < deadline and not handle.future.done():
+            while time.time() < deadline and not _done(handle):
                 time.sleep(0.2)
             released = time.time()
         imported_at = handle.result()
     finally:
         executor.close()
     assert imported_at > released, f"the worker imported the job's module {released - imported_at:.1f} s inside the clock"
+
+
+def _done(handle) -> bool:
+    return handle.future.done() if hasattr(handle, "future") else handle.job.done()

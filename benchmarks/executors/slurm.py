@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 from eebench.executors import JobFailedError
 
 
@@ -115,17 +117,37 @@ class SlurmOptions:
 
 class _Requeueable(submitit.helpers.Checkpointable):
     """The call, made checkpointable: on preemption or timeout submitit requeues it with the same arguments.
-    Nothing to save: the rerun skips the jobs the folder already holds (`eebench.runner.run_group`)."""
+    Nothing to save: the rerun skips the jobs the folder already holds (`eebench.runner.run_group`).
+
+    It travels as the function's import path and its arguments as pickled bytes, so that unpickling it imports
+    nothing heavy: the task imports the function's module (torch, transformers) and unpickles the arguments
+    under the node's shared hold, which waits while another job's clock runs on the node (`eebench.locks`)."""
 
     def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
+        if "<" in fn.__qualname__:  # a lambda or nested function has no import path: it travels as itself
+            self.fn, self.path = fn, None
+        else:
+            self.fn, self.path = None, (fn.__module__, fn.__qualname__)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, pickled_arguments: bytes) -> Any:
+        import importlib
+        import pickle
+
+        from eebench.locks import node_activity
+
+        with node_activity().working():
+            fn = self.fn
+            if fn is None:
+                module, qualname = self.path
+                fn = importlib.import_module(module)
+                for name in qualname.split("."):
+                    fn = getattr(fn, name)
+            arguments = pickle.loads(pickled_arguments)
+            import torch
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # torch would otherwise start a thread per core of the node, not of the task's allocation
-            import torch
             torch.set_num_threads(int(cpus))
-        return self.fn(*args)
+        return fn(*arguments)
 
 
 class _JobHandle:
@@ -155,8 +177,8 @@ class SubmititExecutor:
     def submit(self, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[_JobHandle]:
         if not calls:
             return []
-        columns = list(zip(*calls, strict=True))  # map_array takes one sequence per argument
-        jobs = self.executor.map_array(_Requeueable(fn), *columns)
+        pickled = [cloudpickle.dumps(tuple(call)) for call in calls]  # see _Requeueable
+        jobs = self.executor.map_array(_Requeueable(fn), pickled)
         return [_JobHandle(job) for job in jobs]
 
     def as_completed(self, handles: Sequence[_JobHandle]) -> Iterator[_JobHandle]:
