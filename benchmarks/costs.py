@@ -28,8 +28,10 @@ GLOSSARY: dict[str, str] = {
     "flops": "per example: 2 x [sum over executed layers of MACs(q, n) + MACs of the exit heads evaluated], "
              "MACs(q, n) = 2qd^2 + 2nd^2 + 2qdf + 2qnd, n = the example's real (unpadded) token count.",
     "flops_speedup": "sum_i flops_full_i / sum_i flops_i, the full model = L layers + its final head only.",
-    "wallclock_speedup": "t_full / t_method: median over rounds (all kept: wallclock_seconds_repeats, _min, _max, "
-                         "with the load_average) of the time to run the same timing examples at "
+    "wallclock_speedup": "median over rounds of t_full,round / t_method,round, paired round by round (records "
+                         "up to commit 533c14d: median t_full / median t_method); every round kept "
+                         "(wallclock_seconds_repeats, _min, _max, with the load_average). t = the time to run "
+                         "the same timing examples at "
                          "the same batch size, in the same process, after warm-up (perf_counter on CPU; CUDA "
                          "events + synchronize on GPU). Each batch runs through the full model and every point "
                          "back to back (order rotating per batch); a round is one pass, at least 3, more until the "

@@ -11,6 +11,7 @@ from eebench.timing import (
     Timed,
     interleaved_medians,
     interleaved_times,
+    paired_speedup,
     paired_spread,
     timing_fields,
     timing_flag,
@@ -223,6 +224,16 @@ def test_pass_interleave_times_each_pass_as_one_region():
     assert callable(whole) and ran == [0, 1, 2]
     with pytest.raises(ValueError, match="'batch' or 'pass'"):
         timing_steps(runs, "example")
+
+
+def test_the_speedup_pairs_each_rounds_point_with_the_same_rounds_full_model():
+    """Round 2 is slow for both, round 3 for the point only. Ratio of medians: 1.2 / 0.9 = 1.33 (the slow rounds
+    land in different places of the two medians); paired: rounds give 2, 2, 1.33, median 2."""
+    point, full = Timed((0.5, 1.0, 0.9)), Timed((1.0, 2.0, 1.2))
+    assert full.median / point.median == pytest.approx(1.2 / 0.9)
+    assert paired_speedup(point, full) == pytest.approx(2.0)
+    fields = timing_fields(point, full, timed_saved_layer_speedup=2.0, load=0.0)
+    assert fields["wallclock_speedup"] == pytest.approx(2.0) and fields["realization"] == pytest.approx(1.0)
 
 
 def test_the_speedup_spread_leaves_out_the_extreme_rounds_once_there_are_enough():

@@ -26,6 +26,7 @@ from eebench.tasks.generation import render_prompt
 from eebench.timing import (
     clock_for,
     exclusive_timing,
+    paired_speedup,
     time_points,
     timing_fields,
     timing_sample,
@@ -273,12 +274,13 @@ def evaluate_generation(job, spec, method, backbone, data, base: dict, progress:
         for batch_size, (measured, load) in timings.items():
             timed, tokens, layers = measured[label]
             full_timed, full_tokens, _ = measured["full model"]
-            # Speed-up in tokens/s: an early-exit model may stop at another length than the full model.
+            # Speed-up in tokens/s: an early-exit model may stop at another length than the full model. Every
+            # round generates the same tokens, so the tokens/s ratio is the token ratio times the paired speed-up.
             tokens_per_second, full_tokens_per_second = tokens / timed.median, full_tokens / full_timed.median
             records.append({**base, **point, "batch_size": batch_size, "tokens_per_second": tokens_per_second,
                             "full_tokens_per_second": full_tokens_per_second,
                             **timing_fields(timed, full_timed, num_layers * tokens / layers, load,
-                                            wallclock_speedup=tokens_per_second / full_tokens_per_second)})
+                                            wallclock_speedup=tokens / full_tokens * paired_speedup(timed, full_timed))})
         example_rows.append(pd.DataFrame({
             "job_id": job.job_id, "knob_label": label, "split": "dev", "example": np.arange(len(prompts)),
             "example_id": [e.example_id for e in data.dev.examples], "prompt_tokens": out["prompt_tokens"],
