@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
             command.add_argument("--batch-size", type=int, default=1, help="timing batch size (wall-clock only)")
+            command.add_argument("--by-config", action="store_true",
+                                 help="one row per setting of a training-time sweep (ConsistentEE's alpha), written to "
+                                      "DIR/leaderboard_by_config*.md; by default a sweep is one row whose held-out "
+                                      "pick chooses among its settings")
         if name == "report":
             command.add_argument("--beside", nargs="+", default=(), metavar="DIR",
                                  help="other results directories shown beside (their jobs on the same tasks)")
@@ -259,10 +263,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from eebench.leaderboard import to_markdown, write_leaderboard
     default = args.speedup == "saved_layer_speedup" and args.batch_size == 1
-    name = None if default else f"leaderboard_{args.speedup}" + (
-        f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else "") + ".md"
+    name = None if default and not args.by_config else "leaderboard" + ("_by_config" if args.by_config else "") + (
+        "" if default else f"_{args.speedup}") + (f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else "") + ".md"
     board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name,
-                                    ci=args.ci)
+                                    ci=args.ci, by_config=args.by_config)
     print(to_markdown(board))
     if "differences" in board.attrs:
         from eebench.differences import differences_markdown

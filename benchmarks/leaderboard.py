@@ -489,9 +489,10 @@ def _flagged_text(row: dict) -> str:
 
 
 def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | None = None, ci: bool = False,
-                      **kwargs) -> tuple[pd.DataFrame, Path]:
+                      by_config: bool = False, **kwargs) -> tuple[pd.DataFrame, Path]:
     """Compute the leaderboard of ``results_dir`` and write it to ``results_dir/leaderboard.md`` (or `filename`).
 
+    ``by_config``: one row per setting of a training-time sweep (:func:`split_by_config`).
     ``kwargs`` go to :func:`leaderboard` (speedup, tolerance, auc_range, batch_size); ``digits`` to
     :func:`to_markdown`; ``ci`` adds bootstrap intervals from the stored per-example tables, and a section on
     which differences between adjacent methods they resolve (`eebench.differences`; the whole pair table is
@@ -504,6 +505,8 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     from eebench.analysis import with_floor_metrics  # analysis imports this module; fills pre-floor records
 
     records = with_floor_metrics(load_records(results_dir), results_dir)
+    if by_config:
+        records = split_by_config(records)
     settings = ScoreSettings(**kwargs)  # checked before anything is computed or written
     board = leaderboard(records, settings.speedup, settings.tolerance, settings.auc_range, settings.batch_size, draws)
     text = to_markdown(board, digits=digits)
@@ -554,6 +557,18 @@ def points_table(records: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def _sweep_labels(group: pd.DataFrame) -> dict[str, str]:
+    """job_id -> "alpha=0.05" (the method settings that differ between the group's jobs); {} when the group
+    holds one setting, or records without `method_config`."""
+    configs = group.drop_duplicates("job_id").set_index("job_id")["method_config"]
+    if not all(isinstance(c, dict) for c in configs):
+        return {}
+    varying = sorted({k for c in configs for k in c if len({repr(other.get(k)) for other in configs}) > 1})
+    if not varying:
+        return {}
+    return {job_id: ", ".join(f"{k}={config.get(k)}" for k in varying) for job_id, config in configs.items()}
+
+
 def _label_sweep_full_models(records: pd.DataFrame) -> pd.DataFrame:
     """When one method ran several jobs on a task and seed (a training-time sweep), each job's full-model row
     is a different network: label it with the settings that differ, e.g. "full model (alpha=0.1)"."""
@@ -561,14 +576,24 @@ def _label_sweep_full_models(records: pd.DataFrame) -> pd.DataFrame:
         return records
     records = records.copy()
     for _, group in records.groupby(["task", "method", "backbone", "seed"]):
-        configs = group.drop_duplicates("job_id").set_index("job_id")["method_config"]
-        if len(configs) < 2 or not all(isinstance(c, dict) for c in configs):
-            continue
-        varying = sorted({k for c in configs for k in c if len({repr(other.get(k)) for other in configs}) > 1})
-        for job_id, config in configs.items():
+        for job_id, label in _sweep_labels(group).items():
             rows = group.index[(group["job_id"] == job_id) & group["is_full_model"]]
-            label = ", ".join(f"{k}={config.get(k)}" for k in varying)
             records.loc[rows, "knob_label"] = f"full model ({label})"
+    return records
+
+
+def split_by_config(records: pd.DataFrame) -> pd.DataFrame:
+    """One leaderboard row per setting of a training-time sweep: a method whose jobs on a task differ in their
+    settings (ConsistentEE at alpha 0.05 and 0.2) becomes "consistentee[alpha=0.05]" and
+    "consistentee[alpha=0.2]". By default a sweep is ONE row, whose held-out pick chooses among every setting's
+    points (the setting tuned on held-out data); split, each setting is scored as its own method."""
+    if "method_config" not in records:
+        return records
+    records = records.copy()
+    for _, group in records.groupby(ROW_KEYS):
+        for job_id, label in _sweep_labels(group).items():
+            rows = group.index[group["job_id"] == job_id]
+            records.loc[rows, "method"] = records.loc[rows, "method"] + f"[{label}]"
     return records
 
 

@@ -18,6 +18,7 @@ from eebench.leaderboard import (
     per_seed_scores,
     points_markdown,
     points_table,
+    split_by_config,
     to_markdown,
     write_leaderboard,
 )
@@ -282,6 +283,24 @@ def test_points_table_keeps_each_sweep_jobs_full_model_apart():
     table = points_table(pd.DataFrame(rows)).set_index("knob_label")
     assert table.loc["full model (alpha=0.1)", "metric"] == 0.90 and table.loc["full model (alpha=0.2)", "metric"] == 0.80
     assert len(table) == 4
+
+
+def test_a_training_time_sweep_is_one_row_unless_split_by_config(tmp_path):
+    """Two alphas of one method on a task: by default one row whose pick chooses among both settings' points
+    (alpha 0.2's 2.0x point is within 1 pt of its full model); split, each alpha is its own row with its own
+    pick, and a method with one setting keeps its name."""
+    rows = [*curve("sweep", 0, 0.90, [(1.5, 0.895)], job_id="a", method_config={"alpha": 0.1, "k": 8}),
+            *curve("sweep", 0, 0.90, [(2.0, 0.895)], job_id="b", method_config={"alpha": 0.2, "k": 8}),
+            *curve("beta", 0, 0.91, [(1.2, 0.91)], method_config={"k": 8})]
+    pooled = leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert list(pooled.index) == ["sweep", "beta"] and pooled.loc["sweep", "best_speedup_within_1pt"] == 2.0
+    split = split_by_config(pd.DataFrame(rows))
+    assert sorted(split.method.unique()) == ["beta", "sweep[alpha=0.1]", "sweep[alpha=0.2]"]
+    board = leaderboard(split).set_index("method")
+    assert board.loc["sweep[alpha=0.1]", "best_speedup_within_1pt"] == 1.5
+    assert board.loc["sweep[alpha=0.2]", "best_speedup_within_1pt"] == 2.0
+    written, path = write_leaderboard(write_store(tmp_path, rows), by_config=True, filename="by_config.md")
+    assert "sweep[alpha=0.1]" in path.read_text() and len(written) == 3
 
 
 def test_points_table_reports_realization_per_batch_size():
