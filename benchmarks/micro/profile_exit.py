@@ -11,8 +11,9 @@ patience can fire). Times, at each batch size:
   floor@k        embeddings + layers 1..k + k heads (k = 1, 2): the least an example exiting at layer k can cost;
   no-exit RULE   `early_exit` with the rule at a setting that never fires: every head, every decision, no saving;
                  full / no-exit is the realization such a point gets (1.0 = the heads and decisions are free);
-  heads@L RULE   embeddings + all L layers + all L exit heads of the rule's network, no decision: what a point
-                 that exits nowhere cannot avoid (a rule must read every head to decide), so
+  heads@L RULE   embeddings + all L layers + all L exit heads of the rule's network, no decision, the summary
+                 weights computed once per batch as `early_exit` does: what a point that exits nowhere cannot
+                 avoid (a rule must read every head to decide), so
                  (full / no-exit) / (full / heads@L) is the share of that floor the rule reaches;
   exit@k RULE    `early_exit` with the rule at a setting that fires at the earliest layer it can (k = 1; PABEE's
                  patience needs two agreeing layers, k = 2); (full / exit@k) / (full / floor@k) is the share of
@@ -21,9 +22,11 @@ Timing is PAIRED: each candidate runs on each batch right next to its own run of
 alternates; candidate order rotates), and a ratio is the median over all (round, batch) pairs, with its
 interquartile range. On a shared 2-core VM whole-pass times spread 30-45 % between repeats (other tenants), while
 adjacent runs of ~10 ms see the same machine. Run it with every other process of yours paused.
-Beside the clock, a weight-bytes bound: at batch size 1 a layer is memory-bound (its 7 MB of fp32 weights stream
-from memory for ~25 tokens), so a point that exits nowhere, reading L - 1 more heads' weights than the full model,
-cannot realize more than bytes(full) / bytes(no-exit) (MiniLM's d x d pooler is 0.084 of a layer: bound 0.936).
+Beside the clock, a weight-bytes ratio, bytes(full) / bytes(no-exit) (MiniLM's d x d pooler is 0.084 of a layer:
+0.936): the bound a point that exits nowhere would have if a layer were memory-bound at batch size 1. It is not
+(a ~25-token example is ~44 M MACs per layer, ~3.8 ms on this VM's 2 cores): the measured floors exceed it
+(0.94-0.95; until commit 924976f heads@L recomputed the summary weights at every head, 7 small ops per layer,
+and read 0.92-0.93, under it).
 Then a torch.profiler table of the entropy rule's no-exit run (self CPU time per op), so the remaining time has names.
 
 On a GPU (`--device cuda`) each timed call is bracketed by device syncs, and `--exit-decision late` times the
@@ -73,10 +76,12 @@ def layers_only(model: MultiExitModel, batch, depth: int | None = None, heads: i
     a rule reads at least one head, PABEE's patience the heads of the two layers that agree)."""
     depth = depth or model.num_layers
     hidden, bias = model._embed(batch)
+    # the summary weights once per batch, as `early_exit` computes them (`model.head` would redo them per layer)
+    weights = model.backbone.summary_weights(batch["attention_mask"], hidden.dtype)
     for layer in range(1, depth + 1):
         hidden = model.backbone.layer(layer, hidden, bias)
         if layer > depth - heads:
-            model.head(layer, hidden, batch["attention_mask"])
+            model.heads[layer - 1](model.backbone.summarize_weighted(hidden, weights))
     return hidden
 
 
