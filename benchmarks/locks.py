@@ -135,10 +135,10 @@ def import_holding_shared(*modules: str) -> None:
     """Import `modules` (and whatever they import: torch, transformers) holding this node's activity lock shared.
 
     Why: a job holds the lock shared while it works, but a fresh process imports its libraries before its first
-    job starts, seconds of CPU that would land inside another job's running clock (what flagged 7 of the headline
-    leaderboard's timings). Called first thing by `eebench run` and by every local worker; it waits while a clock
-    runs. This module imports no torch, so the hold comes before the heavy imports. Already-imported modules
-    cost nothing."""
+    job starts, seconds of CPU that would land inside another job's running clock (probably what flagged 6 of the
+    7 flagged headline-leaderboard timings). Called first thing by `eebench run` and by every local worker (a
+    Slurm task does the same in `executors.slurm._Requeueable`); it waits while a clock runs. This module imports
+    no torch, so the hold comes before the heavy imports. Already-imported modules cost nothing."""
     with node_activity().working():
         for name in modules:
             importlib.import_module(name)

@@ -151,6 +151,9 @@ def test_run_leaderboard_plot_end_to_end(capsys, tmp_path):
     assert (out / "leaderboard.md").read_text().count("| graded |") == 2
     assert main(["leaderboard", "--results", str(out), "--speedup", "wallclock_speedup", "--batch-size", "32"]) == 0
     assert "batch size 32" in (out / "leaderboard_wallclock_speedup_bs32.md").read_text()
+    before = (out / "leaderboard.md").read_text()
+    assert main(["leaderboard", "--results", str(out), "--by-config"]) == 0  # one setting per method: same rows
+    assert (out / "leaderboard_by_config.md").read_text() == before and (out / "leaderboard.md").read_text() == before
     assert main(["points", "--results", str(out)]) == 0
     points = (out / "points.md").read_text()
     assert "wall-clock bs=1" in points and "wall-clock bs=32" in points and "patience=1" in points
