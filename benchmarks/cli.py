@@ -262,9 +262,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from eebench.leaderboard import to_markdown, write_leaderboard
-    default = args.speedup == "saved_layer_speedup" and args.batch_size == 1
-    name = None if default and not args.by_config else "leaderboard" + ("_by_config" if args.by_config else "") + (
-        "" if default else f"_{args.speedup}") + (f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else "") + ".md"
+    # leaderboard[_by_config][_<speedup>[_bs<N>]].md; the default table is leaderboard.md
+    parts = ["leaderboard"] + (["by_config"] if args.by_config else [])
+    if not (args.speedup == "saved_layer_speedup" and args.batch_size == 1):
+        parts.append(args.speedup + (f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else ""))
+    name = "_".join(parts) + ".md" if len(parts) > 1 else None
     board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name,
                                     ci=args.ci, by_config=args.by_config)
     print(to_markdown(board))
