@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from eebench.tasks import Example
 
@@ -211,6 +210,10 @@ class LoopTrainer:
         steps_per_epoch = math.ceil(len(self.data) / batch_size)
         total_steps = max(1, math.ceil(epochs * steps_per_epoch))
         optimizer = torch.optim.AdamW(unique, lr=lr or config.lr, eps=config.adam_eps, weight_decay=config.weight_decay)
+        # imported here: transformers.optimization pulls in its Trainer utilities and peft, ~4 s of start-up that
+        # every evaluation-only process (and each subprocess test) would otherwise pay
+        from transformers import get_linear_schedule_with_warmup
+
         schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
         self.model.train()
         started, step, running = time.perf_counter(), 0, float("nan")
