@@ -90,6 +90,37 @@ def test_profile_exit_prints_each_rules_no_exit_floor_and_bytes_bound():
     assert float(rows["policy"][6]) < float(rows["entropy"][6])
 
 
+def test_gpu_check_prepares_a_kit_without_weights_and_runs_the_profile_on_it(tmp_path):
+    """benchmarks/micro/gpu_check.sh, issue 18's prepared GPU check, run through on the CPU: `prepare` copies
+    MiniLM's config and tokenizer (no weight file) and SST-2 dev; `run` installs eebench without dependencies and
+    times profile_exit.py --architecture (random weights) deciding now and one layer late. The run here takes a
+    tiny architecture folder instead of the kit's MiniLM (same path, a fraction of the time)."""
+    from transformers import AutoConfig
+
+    from eebench.backbones import checkpoint_pooling, load_backbone
+
+    from conftest import GLUE
+
+    kit, out, tiny = tmp_path / "kit", tmp_path / "out", tmp_path / "tiny"
+    backbone = load_backbone("tiny-bert")
+    backbone.model.config.save_pretrained(tiny)
+    backbone.tokenizer.save_pretrained(tiny)
+    env = {**os.environ, "GPU_KIT": str(kit), "PYTHON": sys.executable, "DEVICE": "cpu", "OUT": str(out)}
+    script = str(ROOT / "benchmarks" / "micro" / "gpu_check.sh")
+    for args in (["prepare", str(GLUE)], ["run", "--architecture", str(tiny), "--examples", "2", "--rounds", "1",
+                                         "--batch-sizes", "1", "--threads", "1", "--rules", "entropy"]):
+        result = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    minilm = AutoConfig.from_pretrained(kit / "minilm")
+    assert (minilm.num_hidden_layers, minilm.hidden_size) == (6, 384) and checkpoint_pooling(kit / "minilm") == "mean"
+    assert not [path for path in kit.rglob("*") if path.suffix in (".safetensors", ".bin")]
+    assert (kit / "glue" / "SST-2" / "dev.tsv").read_text() == (GLUE / "SST-2" / "dev.tsv").read_text()
+    now, late = ((out / f"profile-{decision}.log").read_text() for decision in ("now", "late"))
+    assert "(random weights)" in now and "exit decision now" in now and "exit decision late" in late
+    assert "realization of a point that exits nowhere" in now
+    assert "all exit at layer 1 (4x saved layers, decided one layer late: runs 2), entropy" in late
+
+
 def test_head_cache_script_times_a_head_and_a_layer_hot_and_cold():
     printed = _script("head_cache.py", "--backbone", "tiny-bert", "--repeats", "3", "--flush-mb", "4", "--threads", "1")
     ratios = printed.splitlines()[-1].split()

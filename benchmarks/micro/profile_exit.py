@@ -29,8 +29,11 @@ Beside the clock, a weight-bytes ratio, bytes(full) / bytes(no-exit) (MiniLM's d
 and read 0.92-0.93, under it).
 Then a torch.profiler table of the entropy rule's no-exit run (self CPU time per op), so the remaining time has names.
 
-On a GPU (`--device cuda`) each timed call is bracketed by device syncs, and `--exit-decision late` times the
-one-layer-late decisions (`MultiExitModel.early_exit`: no host sync per layer; exit@k then runs k+1 layers).
+Every call is timed by the runner's clock (`eebench.timing.clock_for`): perf_counter on a CPU, CUDA events on a
+GPU (`--device cuda`), where `--exit-decision late` times the one-layer-late decisions (`MultiExitModel.early_exit`:
+no host sync per layer; exit@k then runs k+1 layers). `--architecture FOLDER` builds the backbone from FOLDER's
+config and tokenizer with random weights (the time does not depend on them): for a machine without the weights,
+such as the lent GPU machine (benchmarks/micro/gpu_check.sh prepares and runs that check).
 """
 
 from __future__ import annotations
@@ -39,15 +42,15 @@ import argparse
 import functools
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from eebench.backbones import load_backbone
+from eebench.backbones import EncoderBackbone, checkpoint_pooling, load_backbone
 from eebench.methods import build_method
 from eebench.methods.exits import MultiExitModel, set_decision_lag
 from eebench.tasks import get_task, load_split
+from eebench.timing import Clock, clock_for
 from eebench.training import batch_indices, collate, encode
 
 NEVER = 10**6
@@ -85,6 +88,16 @@ def layers_only(model: MultiExitModel, batch, depth: int | None = None, heads: i
     return hidden
 
 
+def architecture_only(folder: str, seed: int = 0) -> EncoderBackbone:
+    """An encoder with `folder`'s config.json, tokenizer and pooling, and random weights (no weight file needed)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    return EncoderBackbone(f"{folder} (random weights)", model, AutoTokenizer.from_pretrained(folder),
+                           checkpoint_pooling(folder))
+
+
 def weight_bytes_bound(model: MultiExitModel) -> float:
     """bytes(full) / bytes(no-exit) of the weights each reads once: L layers + the last head, against L layers + all
     L heads (Linear weights and biases of each head, a pooler shared by several heads counted once per head: after
@@ -102,20 +115,19 @@ def early_exit_with(model: MultiExitModel, rule) -> Callable[[object], object]:
 
 
 def paired_times(reference: Callable[[object], object], candidates: dict[str, Callable[[object], object]],
-                 batches: Sequence, rounds: int, sync: Callable[[], object] = lambda: None
+                 batches: Sequence, rounds: int, clock: Clock | None = None
                  ) -> dict[str, list[tuple[float, float]]]:
     """(candidate seconds, reference seconds) of every candidate on every batch, each candidate timed right next to
     its own run of the reference (which goes first alternates), `rounds` times; candidate order rotates per batch
     and round. Adjacent pairs share the machine's state of that moment, so their ratio cancels slow drift."""
     names = list(candidates)
     pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    clock = clock or clock_for("cpu")
 
     def seconds(function, batch) -> float:
-        sync()
-        start = time.perf_counter()
+        clock.start()
         function(batch)
-        sync()
-        return time.perf_counter() - start
+        return clock.stop()
 
     for batch in batches:  # warm-up, not counted
         reference(batch)
@@ -144,6 +156,8 @@ def paired_ratio(pairs: list[tuple[float, float]], invert: bool = False) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--architecture", metavar="FOLDER", default=None,
+                        help="instead of --backbone: FOLDER's config and tokenizer with random weights")
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--examples", type=int, default=64)
@@ -159,18 +173,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_task(args.task)
-    backbone = load_backbone(args.backbone, seed=0)
+    backbone = architecture_only(args.architecture) if args.architecture else load_backbone(args.backbone, seed=0)
     built = {rule: (RULES[rule], *build(RULES[rule][0], backbone, spec)) for rule in args.rules}
     device = torch.device(args.device)
     for _, _, model in built.values():
         model.to(device)
         set_decision_lag(model, 1 if args.exit_decision == "late" else 0)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     reference = next(iter(built.values()))[2]
     split = load_split(spec, "dev", limit=args.examples, seed=0, data_dir=args.data_dir)
     tokenizer = backbone.tokenizer
     data = encode(split.examples, tokenizer, 128, spec.kind == "regression")
-    print(f"{args.backbone}, {args.task} dev, {len(data)} examples, {torch.get_num_threads()} threads, "
+    print(f"{backbone.name}, {args.task} dev, {len(data)} examples, {torch.get_num_threads()} threads, "
           f"{args.rounds} paired rounds, {device}, exit decision {args.exit_decision}")
     with torch.inference_mode():
         for batch_size in args.batch_sizes:
@@ -185,7 +198,7 @@ def main() -> None:
                 candidates[f"heads@L {rule}"] = functools.partial(layers_only, model, heads=model.num_layers)
                 candidates[f"no-exit {rule}"] = early_exit_with(model, method.exit_rule(never))
                 candidates[f"exit@{layer} {rule}"] = early_exit_with(model, method.exit_rule(earliest))
-            pairs = paired_times(reference.full, candidates, batches, args.rounds, sync)
+            pairs = paired_times(reference.full, candidates, batches, args.rounds, clock_for(device))
             layers = reference.num_layers
             full_ms = statistics.median(ref for _, ref in pairs["layers-only"]) * len(batches) * 1e3
             print(f"\nbatch size {batch_size}: full {full_ms:.1f} ms per pass (median batch x batches); paired "
@@ -201,7 +214,8 @@ def main() -> None:
             for rule, ((_, _, _, layer), _, _) in built.items():
                 speedup = paired_ratio(pairs[f"exit@{layer} {rule}"], invert=True)[0]
                 allows = paired_ratio(pairs[f"floor@{layer}"], invert=True)[0]
-                print(f"  all exit at layer {layer} ({layers / layer:.0f}x saved layers), {rule}: wall-clock "
+                late = f", decided one layer late: runs {layer + 1}" if args.exit_decision == "late" else ""
+                print(f"  all exit at layer {layer} ({layers / layer:.0f}x saved layers{late}), {rule}: wall-clock "
                       f"{speedup:.2f}x; the floor (embeddings + {layer} layer(s) + {layer} head(s)) allows {allows:.2f}x;"
                       f" share of the floor reached {speedup / allows:.3f}")
             if not args.no_profile and "entropy" in built:
