@@ -39,6 +39,7 @@ run)
   [ -d "$kit/minilm" ] || { echo "no $kit: run '$0 prepare' first and carry $kit" >&2; exit 2; }
   out=${OUT:-gpu-check-out}
   site=$(mktemp -d)
+  trap 'rm -rf "$site"' EXIT
   mkdir -p "$out"
   "$python" -m pip install -q --no-deps --no-build-isolation --target "$site" .
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

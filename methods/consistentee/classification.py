@@ -133,7 +133,8 @@ class PolicyRule:
         """`decide` for one example: the policy's first Linear as a tensor op, its `width` outputs read to the
         host once, then GELU, the width -> 1 Linear and the sigmoid on Python floats. Why: aten's exact GELU
         has a fixed cost of ~20 us even on 32 values (~75 us right after a layer); the whole decision went
-        from ~225 to ~100 us per layer (benchmarks/micro/profile_exit.py's setting, measured in the loop)."""
+        from ~200-265 to ~100-125 us per layer on MiniLM (timed inside the layer loop; README, "Wall-clock
+        realization after ConsistentEE's decision moved to Python floats")."""
         first, second = self._linears[layer - 1]
         hidden = F.linear(pooled, first.weight, first.bias).tolist()[0]
         exit_logit = second.bias.item()
