@@ -110,6 +110,22 @@ def mutual_information_ranking(id_lists: list[list[int]], labels: list[int], spe
     return rank(mutual_information(id_lists, labels, special_ids, counts), ties)
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds) on int64 tensors holding values < 2^32. The
+    multiplier is < 2^27, so no product leaves int64."""
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def id_position_hash(ids: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """(B, S) int64 in [0, 2^32): a hash of (token id, position, seed), so that every occurrence gets its own
+    draw (spec 2.1's random-incons) while runs stay reproducible and independent of batching. Until this hash,
+    the draw was (id * 1000003 + position * 7919 + seed) mod B, which is linear: at B = 6 it is
+    (id + 5 * position + seed) mod 6, so an id repeated every 6 positions and neighbours moved in lockstep."""
+    return _mix32(_mix32(ids ^ _mix32(torch.tensor(seed & 0xFFFFFFFF))) ^ positions)
+
+
 def occurrence_buckets(ids: torch.Tensor, mask: torch.Tensor, num_buckets: int, step: int, seed: int) -> torch.Tensor:
     """(B, S) buckets drawn independently for every real token, special ones included (the release's
     random-incons). The release draws once per example when it prepares the data, so an example keeps its
@@ -213,7 +229,7 @@ class HashEE:
                                              self.config.seed)
             else:
                 positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-                mixed = (ids * 1_000_003 + positions * 7_919 + self.config.seed) % self.config.num_buckets
+                mixed = id_position_hash(ids, positions, self.config.seed) % self.config.num_buckets
                 special = torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
                 buckets = torch.where(special, torch.full_like(ids, self.max_layer), 2 + step * mixed)
         depths = (buckets - 1).clamp(max=L)
@@ -260,4 +276,6 @@ class HashEE:
         # switches existed (all at the default) stay as they were.
         signature.update({name: getattr(self.config, name) for name, (default, _) in SWITCHES.items()
                           if getattr(self.config, name) != default})
+        if self.config.hash == "random-incons" and self.config.incons_draws == "id-position":
+            signature["id_position_draw"] = "hash32"  # not the earlier linear draw's checkpoints
         return signature

@@ -142,6 +142,25 @@ def test_random_incons_release_draws_per_occurrence_special_tokens_included(tiny
     assert torch.isfinite(logits).all()
 
 
+def test_random_incons_id_position_draws_are_hashed_not_a_linear_pattern(tiny_backbone):
+    # One id at 600 positions and 600 ids at one position: spec 2.1 wants an independent draw per occurrence.
+    # The earlier draw (id * 1000003 + position * 7919 + seed) mod 4 = (3 id + 3 position + seed) mod 4 repeated
+    # every 4 positions, and neighbours always differed by the same step (this test fails on it).
+    method = attached(tiny_backbone, hash="random-incons", num_buckets=4)  # 4 layers: buckets 2..5, depths 1..4
+    same_id = {"input_ids": torch.full((1, 600), 2001), "attention_mask": torch.ones(1, 600, dtype=torch.long)}
+    depths = method.token_depths(same_id)[0]
+    assert float((depths[:-4] == depths[4:]).float().mean()) < 0.35  # ~1/4 for independent draws, 1.0 before
+    assert len(set(((depths[1:] - depths[:-1]) % 4).tolist())) == 4  # one constant step before
+    many_ids = {"input_ids": torch.arange(2000, 2600)[:, None], "attention_mask": torch.ones(600, 1, dtype=torch.long)}
+    counts = torch.bincount(method.token_depths(many_ids)[:, 0], minlength=5)[1:]
+    assert set(depths.tolist()) == set(range(1, 5)) and int(counts.min()) > 0.7 * 600 / 4
+    # reproducible and batch-independent: a row alone gets the same draws; another seed draws differently
+    assert torch.equal(method.token_depths({k: v[:, :50] for k, v in same_id.items()})[0], depths[:50])
+    other = attached(tiny_backbone, hash="random-incons", num_buckets=4, seed=1).token_depths(same_id)[0]
+    assert not torch.equal(other, depths)
+    assert method.training_signature()["id_position_draw"] == "hash32"
+
+
 def test_switches_at_their_defaults_leave_checkpoint_keys_alone():
     old = {"recipe": "hashee", "num_buckets": 6, "max_layer": None, "hash": "frequency", "seed": 0}
     assert HashEE().training_signature() == old
