@@ -145,8 +145,11 @@ def training_context(job: Job, carved: bool = False) -> dict:
                "train": train_settings(job.train), "data_dir": job.data_dir, "train_limit": job.train_limit}
     if carved:
         context["selection_carved_out"] = job.selection_examples
-    if get_task(job.trained_on).kind == "regression":  # heads start at the mean target (older checkpoints did not)
+    spec = get_task(job.trained_on)
+    if spec.kind == "regression":  # heads start at the mean target (older checkpoints did not)
         context["regression_heads"] = "bias at the mean training target"
+    if getattr(spec, "train_split_rule", None):  # the rule changed which rows train holds (older checkpoints)
+        context["train_split"] = spec.train_split_rule
     return context
 
 

@@ -82,8 +82,9 @@ def test_unknown_task_suggests_over_both_kinds():
 # --- real shared data ------------------------------------------------------------------------------------
 
 # alpaca: dev 1,727 - 3 blank outputs; train 9,229 - 307 dev overlaps - 4 blank outputs.
-# dolly 2,996 / cnndm 1,000 / xsum 1,000 rows: a fixed 500-row dev, the rest train.
-COUNTS = {"alpaca": (8918, 1724), "dolly": (2496, 500), "cnndm": (500, 500), "xsum": (500, 500)}
+# dolly 2,996 / cnndm 1,000 / xsum 1,000 rows: a fixed 500-row dev, the rest train minus rows repeating a dev
+# prompt (dolly 4, cnndm 1).
+COUNTS = {"alpaca": (8918, 1724), "dolly": (2492, 500), "cnndm": (499, 500), "xsum": (500, 500)}
 
 
 @pytest.mark.parametrize("task", GEN_TASKS)
@@ -111,12 +112,23 @@ def test_alpaca_train_excludes_every_dev_record():
     assert train.source.endswith("alpaca_random9k_alpagasus.jsonl")
 
 
-def test_one_file_split_partitions_the_file():
-    rows = _raw(GEN / "dolly" / "dolly_alpagasus_filtered_3k.jsonl")
-    train, dev = load_split("dolly", "train", GEN), load_split("dolly", "dev", GEN)
+@pytest.mark.parametrize("task, dropped", [("dolly", 4), ("cnndm", 1), ("xsum", 0)])
+def test_one_file_split_partitions_the_file_and_train_holds_no_dev_prompt(task, dropped):
+    train, dev = load_split(task, "train", GEN), load_split(task, "dev", GEN)
+    rows = _raw(Path(train.source))
     sources = [e.source for e in train.examples] + [e.source for e in dev.examples]
-    assert len(set(sources)) == len(rows) == 2996
-    assert load_split("dolly", "dev", GEN, seed=5).examples == dev.examples  # the split ignores the job seed
+    assert len(set(sources)) == len(sources) == len(rows) - dropped  # dev + train, disjoint, every row but these
+    assert not {e.prompt for e in train.examples} & {e.prompt for e in dev.examples}
+    assert load_split(task, "dev", GEN, seed=5).examples == dev.examples  # the split ignores the job seed
+
+
+def test_one_file_train_rule_enters_the_checkpoint_key():
+    # fine-tunes on the earlier dolly/cnndm/xsum train split (dev prompts included) must not be reused
+    from eebench.runner import Job, training_context
+
+    assert training_context(Job("calm", "dolly", 0, "tiny-llama"))["train_split"] == get_task("dolly").train_split_rule
+    assert "train_split" not in training_context(Job("calm", "alpaca", 0, "tiny-llama"))
+    assert "train_split" not in training_context(Job("pabee", "sst2", 0, "tiny-bert"))
 
 
 def test_dev_subset_is_the_same_for_every_job_seed_and_train_subset_is_not():

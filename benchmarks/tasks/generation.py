@@ -15,7 +15,8 @@ Splits (fixed: they never depend on the job seed):
   train = ``alpaca_random9k_alpagasus.jsonl`` (9,229 records) minus every record whose (instruction, input)
   also occurs in the dev file. 307 do, so no dev prompt is ever trained or calibrated on.
 - ``dolly``, ``cnndm``, ``xsum`` (one file each): dev = a fixed random subset of ``dev_size`` rows, drawn with
-  ``random.Random(GENERATION_SPLIT_SEED)``; train = the other rows. Both keep file order.
+  ``random.Random(GENERATION_SPLIT_SEED)``; train = the other rows, minus any whose prompt is also a dev prompt
+  (a file may repeat a prompt: Dolly 4 of its dev prompts, CNN/DM 1). Both keep file order.
 
 Rows whose reference is empty or blank are dropped before splitting, because there is nothing to score
 against and, in training, they would teach a model to stop at once. Only Alpaca has any: lines 285, 1,224 and
@@ -103,6 +104,12 @@ class GenerationTaskSpec:
     def num_labels(self) -> int:
         """0: a generation task has no label head (the LM head emits tokens)."""
         return 0
+
+    @property
+    def train_split_rule(self) -> str | None:
+        """How the train split was cut, when a change to the rule changed which rows it holds: it enters the
+        checkpoint key (`eebench.runner.training_context`), so a fine-tune on an earlier split is not reused."""
+        return "minus rows whose prompt is in dev" if len(self.files) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -231,7 +238,12 @@ def _one_file_split(spec: GenerationTaskSpec, examples: list[GenerationExample],
         raise MalformedDataError(f"task '{spec.name}': {len(examples)} usable rows, too few for a {spec.dev_size}-row "
                                  "dev split plus a train split. Fix: supply the full file.")
     dev = set(random.Random(GENERATION_SPLIT_SEED).sample(range(len(examples)), spec.dev_size))
-    return [e for i, e in enumerate(examples) if (i in dev) == (split == "dev")]
+    if split == "dev":
+        return [e for i, e in enumerate(examples) if i in dev]
+    # A prompt that occurs twice in the file may land on both sides: train keeps no copy of a dev prompt (Dolly
+    # repeats 4 instructions with other answers, CNN/DM one article with its highlights), as Alpaca's train does.
+    dev_prompts = {examples[i].prompt for i in dev}
+    return [e for i, e in enumerate(examples) if i not in dev and e.prompt not in dev_prompts]
 
 
 def _find_folder(spec: GenerationTaskSpec, data_dir: Path) -> Path:
