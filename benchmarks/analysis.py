@@ -263,8 +263,16 @@ def compare_points(results_dirs: Sequence[str | Path], task: str, method: str, a
     0..1), verdict."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    folders = [Path(folder) for folder in results_dirs]
-    points = pd.concat([points_with_intervals(folder) for folder in folders], ignore_index=True)
+    folders = list(dict.fromkeys(Path(folder) for folder in results_dirs))  # a folder named twice counts once
+    per_folder = [points_with_intervals(folder).assign(folder=str(folder)) for folder in folders]
+    points = pd.concat(per_folder, ignore_index=True)
+    # One job in two folders (a copy, or the same job run twice) would pool both runs' examples per job id.
+    shared = points.groupby("job_id").folder.unique().map(len).loc[lambda n: n > 1]
+    if len(shared):
+        job = shared.index[0]
+        raise ValueError(f"job {job} is in more than one of the folders ({', '.join(points[points.job_id == job].folder.unique())})"
+                         f"{f' and {len(shared) - 1} more jobs' if len(shared) > 1 else ''}: its examples would be "
+                         "pooled. Fix: pass each job's folder once (drop the copy from the list).")
     examples = _dev_rows(pd.concat([load_examples(folder) for folder in folders], ignore_index=True))
     if speedup not in points:
         walls = sorted((c for c in points if c.startswith("wallclock_bs")), key=lambda c: int(c[12:]))

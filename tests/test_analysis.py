@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -115,6 +117,11 @@ def test_compare_points_pairs_each_point_with_the_best_rival_at_least_as_fast(tm
 
     with pytest.raises(ValueError, match=r"no operating point of deebert on task 'sst2'.*calm\[oracle\], calm\[x\], mine"):
         compare_points(folders, "sst2", "mine", ["deebert"])
+    assert compare_points([*folders, tmp_path / "a"], "sst2", "mine", ["calm[x]"], n_resamples=400,
+                          seed=1).equals(table)  # a folder named twice counts once
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    with pytest.raises(ValueError, match=r"job mine is in more than one of the folders .*a-copy.*Fix: pass each"):
+        compare_points([*folders, tmp_path / "a-copy"], "sst2", "mine", ["calm[x]"])
     _job(tmp_path / "c", "short", {"t=0.9": (9.0, index[:50] % 2 == 0)}, n=50)
     with pytest.raises(ValueError, match="scored different sst2 examples"):
         compare_points([tmp_path / "a", tmp_path / "c"], "sst2", "mine", ["short"])
