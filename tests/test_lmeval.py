@@ -160,6 +160,7 @@ def test_sweep_writes_lm_eval_results_and_records_with_exit_layers(prepared, cac
     assert run_lm_eval(settings, progress=False, log=lambda line: None).empty
     records = pd.read_json(out / "records.jsonl", lines=True)
     assert len(records) == 2 and np.isfinite(records["wallclock_speedup"]).all()
+    assert records["timing_exclusive"].all() and (records["timing_threads"] >= 1).all()  # clocked alone on the node
     paths = write_figures(out, speedups=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"), formats=["png"])
     assert {p.name for p in paths} == {"eebench-xsum_saved_layer_speedup.png", "eebench-xsum_flops_speedup.png",
                                        "eebench-xsum_wallclock_speedup_bs2.png"}

@@ -127,7 +127,7 @@ def run_lm_eval(settings: LMEvalSettings, progress: bool = True, log=print) -> p
     from eebench.lmeval.model import EEBenchLM
     from eebench.runner import _digest, prepare_job
     from eebench.store import ResultsStore, check_one_commit
-    from eebench.timing import load_average
+    from eebench.timing import exclusive_timing, load_average
 
     job = checkpoint_job(settings.method, settings.method_config, settings.suite, settings.backbone, settings.seed,
                          settings.device, settings.data_dir)
@@ -154,11 +154,14 @@ def run_lm_eval(settings: LMEvalSettings, progress: bool = True, log=print) -> p
         label = knob_label(knob)
         log(f"lm-eval at {label}: {', '.join(pending)}")
         model = EEBenchLM.from_prepared(prepared, knob, settings.batch_size)
-        load, started = load_average(), time.perf_counter()
-        with _lm_eval_errors_only():
+        # tokens/s is clocked inside lm-eval's run, so the whole run holds the node's activity lock exclusively,
+        # as the runner's timing stage does: no other job of ours trains or times beside it.
+        with _lm_eval_errors_only(), exclusive_timing() as timing_context:
+            load, started = load_average(), time.perf_counter()
             results = simple_evaluate(model=model, tasks=list(pending), task_manager=manager, limit=settings.limit,
                                       apply_chat_template=chat, log_samples=True, bootstrap_iters=1000)
-        runs[label] = (knob, model.log, results, time.perf_counter() - started, load)
+            seconds = time.perf_counter() - started
+        runs[label] = KnobRun(knob, model.log, results, seconds, load, timing_context)
         _write_lm_eval_output(out / "lm_eval" / _slug(label), results)
     frames = []
     for task in pending:
@@ -168,7 +171,21 @@ def run_lm_eval(settings: LMEvalSettings, progress: bool = True, log=print) -> p
     return pd.concat(frames, ignore_index=True)
 
 
-def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalSettings, identity: dict
+@dataclass
+class KnobRun:
+    """One `simple_evaluate` at one knob (None: the full model): the model's per-request log, lm-eval's results,
+    the run's seconds, the 1-minute load average as it started, and `exclusive_timing`'s fields (timing_exclusive,
+    timing_threads, load_average_end)."""
+
+    knob: Knob | None
+    log: object
+    results: dict
+    seconds: float
+    load_average: float
+    timing: dict
+
+
+def task_records(task: str, job_id: str, runs: dict[str, KnobRun], prepared, settings: LMEvalSettings, identity: dict
                  ) -> tuple[list[dict], pd.DataFrame]:
     """One eebench record per knob for `task` (lm-eval's score + eebench's costs) and the per-document rows."""
     import torch
@@ -180,16 +197,15 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
     from eebench.timing import Timed, timing_fields
 
     backbone, method, job = prepared.backbone, prepared.method, prepared.job
-    per_knob = {}
-    for label, (knob, log, results, _, load) in runs.items():
-        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-        stats = [log.requests.get((task, s["doc_id"])) for s in samples]
+    per_knob = {}  # label -> (the run, its samples of `task` by document, the model's log of each)
+    for label, run in runs.items():
+        samples = sorted(run.results["samples"][task], key=lambda s: s["doc_id"])
+        stats = [run.log.requests.get((task, s["doc_id"])) for s in samples]
         if any(s is None for s in stats):
             raise RuntimeError(f"{task} at {label}: lm-eval answered {sum(s is None for s in stats)} request(s) "
                                "without calling the model (a response cache?); run without lm-eval's --use_cache")
-        per_knob[label] = (knob, samples, stats, results, log, load)
-    full_label = next(iter(runs))
-    _, full_samples, full_stats, _, _, _ = per_knob[full_label]
+        per_knob[label] = (run, samples, stats)
+    _, full_samples, full_stats = per_knob[next(iter(runs))]
     full_costs = point_costs(_costs_input(full_stats), backbone.info)
     full_tps = full_costs["tokens"] / sum(s.seconds for s in full_stats)
     curve = method.curve_name() if callable(getattr(method, "curve_name", None)) else job.method
@@ -204,20 +220,20 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
             "batch_size": settings.batch_size, "limit": settings.limit, "chat_template": identity["chat_template"],
             "n_selection_examples": 0, "n_points": len(runs)}
     records, rows = [], []
-    for label, (knob, samples, stats, results, log, load) in per_knob.items():
+    for label, (run, samples, stats) in per_knob.items():
         texts = [s.text for s in stats]
         references = [s["target"] for s in samples]
         scores, _ = generation_metrics(texts, references, [s.text for s in full_stats], [s.tokens for s in stats],
                                        [s.tokens for s in full_stats], scorer="none")
         totals = point_costs(_costs_input(stats), backbone.info)
-        task_scores = results["results"][task]
+        task_scores = run.results["results"][task]
         lm_eval_rouge = float(task_scores["rougeL,none"])
         tokens_per_second = totals["tokens"] / sum(s.seconds for s in stats)
         saved = backbone.num_layers * totals["tokens"] / totals["layers"]
         timing = timing_fields(Timed((sum(s.seconds for s in stats),)), Timed((sum(s.seconds for s in full_stats),)),
-                               saved, load, wallclock_speedup=tokens_per_second / full_tps)
+                               saved, run.load_average, wallclock_speedup=tokens_per_second / full_tps)
         records.append({
-            **base, "knob": knob or {}, "knob_label": label, "is_full_model": knob is None, "metric": lm_eval_rouge,
+            **base, "knob": run.knob or {}, "knob_label": label, "is_full_model": run.knob is None, "metric": lm_eval_rouge,
             "metrics": {"rougeL": lm_eval_rouge, "consistency_rougeL": float(np.mean(scores["consistency_rougeL"])),
                         "token_agreement": float(np.mean(scores["token_agreement"]))},
             "lm_eval_stderr": _float(task_scores.get("rougeL_stderr,none")),
@@ -227,8 +243,8 @@ def task_records(task: str, job_id: str, runs: dict, prepared, settings: LMEvalS
             "flops_speedup": (full_costs["flops"] / full_costs["tokens"]) / (totals["flops"] / totals["tokens"]),
             "mean_gflops_per_token": totals["flops"] / totals["tokens"] / 1e9,
             "mean_generated_tokens": totals["tokens"] / len(stats), "tokens_per_second": tokens_per_second,
-            "full_tokens_per_second": full_tps, "lm_eval_seconds": runs[label][3],  # load_average: as it started
-            "loglikelihood_requests": log.loglikelihood_requests, **timing})
+            "full_tokens_per_second": full_tps, "lm_eval_seconds": run.seconds,  # load_average: as it started
+            "loglikelihood_requests": run.log.loglikelihood_requests, **timing, **run.timing})
         rows.append(pd.DataFrame({
             "job_id": job_id, "knob_label": label, "split": "dev", "example": [s["doc_id"] for s in samples],
             "example_id": [s["doc"].get("example_id", str(s["doc_id"])) for s in samples],
