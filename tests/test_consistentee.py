@@ -256,7 +256,7 @@ def test_hardness_analysis_says_which_runs_it_needs(tmp_path):
 def test_stage_batch_sizes_are_what_the_policy_and_classifier_stages_iterate_in():
     spec = get_task("graded")
     backbone = load_backbone("tiny-bert", seed=0)
-    method = ConsistentEE(num_rollouts=2, stage2_batch_size=24, stage3_batch_size=16)
+    method = ConsistentEE(num_rollouts=2, stage1_batch_size=12, stage2_batch_size=24, stage3_batch_size=16)
     torch.manual_seed(0)
     model = method.attach(backbone, spec)
     data = encode(load_split(spec, "train", None, limit=48, seed=0).examples, backbone.tokenizer, 48, False)
@@ -275,8 +275,8 @@ def test_stage_batch_sizes_are_what_the_policy_and_classifier_stages_iterate_in(
     method.classifier_stage_loss = counting("stage3", method.classifier_stage_loss)
     method.fit(trainer)
     assert seen == {"stage2": [24, 24], "stage3": [16, 16, 16]}
-    assert [s["batch_size"] for s in trainer.stages] == [32, 24, 16]  # stage 1 keeps the suite's
-    assert [s["steps"] for s in trainer.stages] == [2, 2, 3]
+    assert [s["batch_size"] for s in trainer.stages] == [12, 24, 16]  # the suite's is 32
+    assert [s["steps"] for s in trainer.stages] == [4, 2, 3]
     assert len(method.memorized) == 48  # m(x) still covers every example (suite-sized batches)
 
 
@@ -291,5 +291,6 @@ def test_stage_batch_sizes_enter_the_checkpoint_key_only_when_set():
                        "stage2_epochs": 1.0, "stage2_lr": 3e-4, "stage3_epochs": 1.0, "stage3_lr": 2e-5,
                        "policy_hidden": 32}
     keys = {checkpoint_key(job, ConsistentEE(**config).training_signature())
-            for config in ({}, {"stage3_batch_size": 16}, {"stage2_batch_size": 16}, {"stage2_batch_size": 32})}
-    assert len(keys) == 4
+            for config in ({}, {"stage3_batch_size": 16}, {"stage2_batch_size": 16}, {"stage2_batch_size": 32},
+                           {"stage1_batch_size": 16})}
+    assert len(keys) == 5

@@ -10,7 +10,7 @@ R = -CE(y, f_e) - alpha * (1 - m/L) * e. Inference: exit at the first layer with
 
 Reading the released code instead (spec section 11): rollout_policy="greedy_dropout",
 rollout_dropout="per_rollout", alpha=0, stage3_joint_policy_loss=True, detach_policy_input=False,
-stage2_batch_size=32, stage3_batch_size=16 (finetune_bert_alternate.sh).
+stage1_batch_size=16, stage2_batch_size=32, stage3_batch_size=16 (finetune_bert_alternate.sh).
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class ConsistentEEConfig:
     stage2_lr: float = 3e-4
     stage3_epochs: float = 1.0
     stage3_lr: float = 2e-5
-    # None = the suite's batch size (eebench). Released BERT scripts: stage 2 (policy) 32 in both; stage 3 16 in
-    # finetune_bert_alternate.sh, the script whose stage-3 lr and epochs are the defaults above (32 in the other).
+    # None = the suite's batch size (eebench). Released BERT scripts: stage 1 16 and stage 2 (policy) 32 in both;
+    # stage 3 16 in finetune_bert_alternate.sh, the script whose stage-3 lr and epochs are the defaults above (32 in
+    # the other). At the suite's batch size, stage 1 trains as PABEE's joint fine-tune does (same loss, same batches).
+    stage1_batch_size: int | None = None
     stage2_batch_size: int | None = None
     stage3_batch_size: int | None = None
     policy_hidden: int = 32
@@ -266,9 +268,10 @@ class ConsistentEEClassifier:
 
     def fit(self, trainer: Trainer) -> None:
         model, config = self.model, self.config
-        trainer.cached("consistentee-stage1", {"recipe": "joint-layer-weighted"},
+        batch = {"batch_size": config.stage1_batch_size} if config.stage1_batch_size else {}
+        trainer.cached("consistentee-stage1", {"recipe": "joint-layer-weighted", **batch},
                        lambda: trainer.train(model.parameters(), lambda b: layer_weighted_loss(model, b, "classification"),
-                                             stage="stage1: all exits jointly, weights = layer index"))
+                                             stage="stage1: all exits jointly, weights = layer index", **batch))
         self.stage1_model = copy.deepcopy(model).eval()
         self.memorized = self.compute_memorized_layers(trainer)
         classifier_params = [p for head in model.heads for p in (*head.pooler.parameters(), *head.classifier.parameters())]
@@ -309,7 +312,7 @@ class ConsistentEEClassifier:
     def training_signature(self) -> dict:
         settings = asdict(self.config)
         settings.pop("exit_thresholds")  # an exit-rule setting
-        for name in ("stage2_batch_size", "stage3_batch_size"):
+        for name in ("stage1_batch_size", "stage2_batch_size", "stage3_batch_size"):
             if settings[name] is None:  # absent at the default: checkpoints from before the switch keep their keys
                 del settings[name]
         return {"recipe": "consistentee", **settings}
