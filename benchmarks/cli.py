@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--speedup", default="saved_layer_speedup",
                                  choices=("saved_layer_speedup", "flops_speedup", "wallclock_speedup"))
             command.add_argument("--batch-size", type=int, default=1, help="timing batch size (wall-clock only)")
+            command.add_argument("--ltt-pick", default=None, metavar="RULE",
+                                 help="generation jobs: which Learn-then-Test choice is the held-out pick "
+                                      "('<textual|risk> delta=<d>', one the run calibrated; default 'risk delta=0.1', "
+                                      "eebench.leaderboard.DEFAULT_LTT_PICK)")
             command.add_argument("--by-config", action="store_true",
                                  help="one row per setting of a training-time sweep (ConsistentEE's alpha), written to "
                                       "DIR/leaderboard_by_config*.md; by default a sweep is one row whose held-out "
@@ -261,14 +265,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from eebench.leaderboard import to_markdown, write_leaderboard
+    from eebench.leaderboard import DEFAULT_LTT_PICK, to_markdown, write_leaderboard
     # leaderboard[_by_config][_<speedup>[_bs<N>]].md; the default table is leaderboard.md
     parts = ["leaderboard"] + (["by_config"] if args.by_config else [])
     if not (args.speedup == "saved_layer_speedup" and args.batch_size == 1):
         parts.append(args.speedup + (f"_bs{args.batch_size}" if args.speedup == "wallclock_speedup" else ""))
+    if args.ltt_pick not in (None, DEFAULT_LTT_PICK):  # e.g. leaderboard_ltt_textual_delta0.2.md
+        parts.append("ltt_" + args.ltt_pick.replace(" delta=", "_delta").replace(" ", "_"))
     name = "_".join(parts) + ".md" if len(parts) > 1 else None
     board, path = write_leaderboard(args.results, speedup=args.speedup, batch_size=args.batch_size, filename=name,
-                                    ci=args.ci, by_config=args.by_config)
+                                    ci=args.ci, by_config=args.by_config, ltt_pick=args.ltt_pick or DEFAULT_LTT_PICK)
     print(to_markdown(board))
     if "differences" in board.attrs:
         from eebench.differences import differences_markdown

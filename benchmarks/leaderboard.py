@@ -46,15 +46,24 @@ FLOOR_MARGIN = 0.01
 _EPS = 1e-9
 
 
+# Generation jobs choose their operating point by Learn-then-Test on calibration prompts held out of training
+# (`eebench.calibration`), not by a held-out metric: the leaderboard's held-out pick of such a job is the point
+# this LTT rule chose. Risk at the smallest tolerance the suites calibrate: its loss, how much worse than the full
+# model a prompt's ROUGE-L gets, is the generation counterpart of "within 1 point of the full model".
+DEFAULT_LTT_PICK = "risk delta=0.1"
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """How points are scored: `speedup` (a SPEEDUPS name), `tolerance` of "within 1 point" (metric units:
-    0.01 = 1 point), `auc_range` (speed-ups a..b of the AUC) and `batch_size` (whose wall-clock counts)."""
+    0.01 = 1 point), `auc_range` (speed-ups a..b of the AUC), `batch_size` (whose wall-clock counts) and
+    `ltt_pick` (which Learn-then-Test choice is a generation job's held-out pick: "<consistency> delta=<δ>")."""
 
     speedup: str = "saved_layer_speedup"
     tolerance: float = 0.01
     auc_range: tuple[float, float] = (1.0, 3.0)
     batch_size: int = 1
+    ltt_pick: str = DEFAULT_LTT_PICK
 
     def __post_init__(self) -> None:
         if self.speedup not in SPEEDUPS:
@@ -205,7 +214,7 @@ def _score_draws(group: pd.DataFrame, metrics: np.ndarray, settings: ScoreSettin
     def fastest(within: np.ndarray) -> np.ndarray:  # the largest speed-up among the points `within` (points, draws)
         return _column_max(np.where(within, s[:, None], np.nan))
 
-    pick = held_out_pick_row(group[is_full], group[~is_full], tolerance)
+    pick = held_out_pick_row(group[is_full], group[~is_full], tolerance, settings.ltt_pick)
     if pick is None:
         pick_speedup, pick_metric = math.nan, np.full(draws, np.nan)
     elif bool(pick["is_full_model"]):  # the full model counts as 1x with the full metric
@@ -226,17 +235,27 @@ def _score_draws(group: pd.DataFrame, metrics: np.ndarray, settings: ScoreSettin
     }
 
 
-def held_out_pick_row(full: pd.DataFrame, pts: pd.DataFrame, tolerance: float = 0.01) -> pd.Series | None:
+def held_out_pick_row(full: pd.DataFrame, pts: pd.DataFrame, tolerance: float = 0.01,
+                      ltt_pick: str = DEFAULT_LTT_PICK) -> pd.Series | None:
     """The operating point chosen WITHOUT looking at dev: the largest held-out saved-layer speed-up whose
     held-out metric is within `tolerance` of the full model's held-out metric (the full model's first row when
-    none is). None when the job stored no selection set."""
+    none is). A generation job has no held-out metric: its pick is the row whose `ltt_picks` name `ltt_pick`
+    (Learn-then-Test on the calibration prompts). None when the job stored neither."""
     if "selection_metric" not in pts or full.empty or pts["selection_metric"].isna().all():
-        return None
+        return _ltt_pick_row(pd.concat([full, pts]), ltt_pick)
     full_selection = float(full["selection_metric"].mean())
     eligible = pts[pts["selection_metric"] >= full_selection - tolerance - _EPS]
     if eligible.empty:
         return full.iloc[0]
     return eligible.sort_values(["selection_saved_layer_speedup", "selection_metric"], kind="stable").iloc[-1]
+
+
+def _ltt_pick_row(rows: pd.DataFrame, ltt_pick: str) -> pd.Series | None:
+    """The first of `rows` whose stored `ltt_picks` (the LTT rules that chose that point) include `ltt_pick`."""
+    if "ltt_picks" not in rows:
+        return None
+    chosen = rows[rows["ltt_picks"].map(lambda picks: isinstance(picks, list | np.ndarray) and ltt_pick in list(picks))]
+    return None if chosen.empty else chosen.iloc[0]
 
 
 def _standard_finetunes(points: pd.DataFrame) -> dict[tuple, float]:
@@ -266,6 +285,7 @@ def leaderboard(
     auc_range: tuple[float, float] = (1.0, 3.0),
     batch_size: int = 1,
     draws: dict[tuple[str, str], np.ndarray] | None = None,
+    ltt_pick: str = DEFAULT_LTT_PICK,
 ) -> pd.DataFrame:
     """One row per (task, method, backbone), sorted by task then AUC (descending).
 
@@ -276,10 +296,15 @@ def leaderboard(
     A seed-averaged score is NaN when any seed lacks it, so a mean never hides seeds that miss a target.
     ``*_std`` are sample std over seeds (NaN for one seed). ``batch_size`` only matters for wall-clock.
     With ``draws`` (`analysis.bootstrap_draws`), 95 % bootstrap intervals over dev examples are added as
-    ``<score>_ci_low`` / ``_ci_high`` (:func:`leaderboard_intervals`).
+    ``<score>_ci_low`` / ``_ci_high`` (:func:`leaderboard_intervals`). ``ltt_pick``: which Learn-then-Test choice
+    is a generation job's held-out pick (:func:`held_out_pick_row`).
     The parameters (and the batch size actually used) are kept in ``board.attrs`` for :func:`to_markdown`.
     """
-    settings = ScoreSettings(speedup, tolerance, tuple(auc_range), batch_size)
+    settings = ScoreSettings(speedup, tolerance, tuple(auc_range), batch_size, ltt_pick)
+    calibrated = calibrated_ltt_picks(records)
+    if calibrated and ltt_pick not in calibrated:
+        raise ValueError(f"no generation job here calibrated the Learn-then-Test rule {ltt_pick!r} (they calibrated: "
+                         f"{', '.join(calibrated)}). Fix: --ltt-pick one of those.")
     scores = per_seed_scores(records, settings)
     grouped = scores.groupby(ROW_KEYS, sort=True)
     board = grouped[SCORE_COLUMNS].mean()
@@ -310,7 +335,18 @@ def leaderboard(
     board.attrs.update(
         speedup=speedup, tolerance=tolerance, auc_range=settings.auc_range, batch_sizes=[int(b) for b in used]
     )
+    if calibrated_ltt_picks(records):
+        board.attrs["ltt_pick"] = ltt_pick  # some row's held-out pick is an LTT choice: the legend says which
+    board.attrs["selection_pick"] = "selection_metric" in records and bool(records["selection_metric"].notna().any())
     return board
+
+
+def calibrated_ltt_picks(records: pd.DataFrame) -> list[str]:
+    """The Learn-then-Test rules ("<consistency> delta=<δ>") the records' generation jobs calibrated: each chose
+    one point (the full model when nothing else passed), whose `ltt_picks` names it."""
+    if "ltt_picks" not in records:
+        return []
+    return sorted({pick for picks in records["ltt_picks"] if isinstance(picks, list | np.ndarray) for pick in picks})
 
 
 def _flagged_timings(points: pd.DataFrame) -> pd.DataFrame:
@@ -468,7 +504,10 @@ def to_markdown(board: pd.DataFrame, digits: int = 2) -> str:
         *([f"floor: the best constant prediction on dev; (floor) marks values at most {100 * FLOOR_MARGIN:g} pt above "
            "it, never counted as within tolerance."] if floors else []),
         *([f"held-out pick (the headline): chosen on held-out training examples (largest speed-up within {tol:g} pt "
-           "of the full model there), reported on dev."] if held_out else []),
+           "of the full model there), reported on dev."] if held_out and board.attrs.get("selection_pick", True) else []),
+        *([f"held-out pick of a generation job: the point Learn-then-Test chose for `{board.attrs['ltt_pick']}` on its "
+           "calibration prompts (held out of training; the loss bounded by δ with probability ≥ 1 − ε; "
+           "`--ltt-pick` names another rule the run calibrated)."] if held_out and "ltt_pick" in board.attrs else []),
         f"dev max (optimistic, chosen on dev itself): best metric at speed-up ≥ 1.5x / 2x; largest speed-up within "
         f"{tol:g} pt of the reference and above the floor; AUC {lo:g}–{hi:g}x = mean over s of max(floor, best "
         "metric at ≥ s).",
@@ -508,7 +547,8 @@ def write_leaderboard(results_dir: str | Path, digits: int = 2, filename: str | 
     if by_config:
         records = split_by_config(records)
     settings = ScoreSettings(**kwargs)  # checked before anything is computed or written
-    board = leaderboard(records, settings.speedup, settings.tolerance, settings.auc_range, settings.batch_size, draws)
+    board = leaderboard(records, settings.speedup, settings.tolerance, settings.auc_range, settings.batch_size, draws,
+                        settings.ltt_pick)
     text = to_markdown(board, digits=digits)
     if draws is not None and board["seeds"].gt(0).any():
         from eebench.differences import differences_legend, differences_markdown, method_differences

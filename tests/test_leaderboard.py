@@ -275,6 +275,30 @@ def test_held_out_pick_is_chosen_on_the_selection_set_not_on_dev():
     assert "held-out pick" not in to_markdown(leaderboard(pd.DataFrame(curve("beta", 0, 0.9, [(1.5, 0.9)]))))
 
 
+def test_a_generation_jobs_held_out_pick_is_its_learn_then_test_choice(tmp_path):
+    # calm's Learn-then-Test chose 1.5x for risk at delta 0.1 and the full model for textual at 0.1; dev alone
+    # would take 2x (within 1 pt). Each record names the rules that chose it (`ltt_picks`), as the runner stores.
+    rows = curve("calm", 0, 0.25, [(1.5, 0.24), (2.0, 0.248)])
+    for row, picks in zip(rows, [["textual delta=0.1"], ["risk delta=0.1"], []], strict=True):
+        row["ltt_picks"] = picks
+    board = leaderboard(pd.DataFrame(rows))
+    assert (board.iloc[0].heldout_pick_speedup, board.iloc[0].heldout_pick_metric) == (1.5, 0.24)
+    assert board.iloc[0].best_speedup_within_1pt == 2.0
+    text = to_markdown(board)
+    assert "| 1.50x / 24.00 |" in text and "Learn-then-Test chose for `risk delta=0.1`" in text
+    assert "chosen on held-out training examples" not in text  # no classification row here
+    textual = leaderboard(pd.DataFrame(rows), ltt_pick="textual delta=0.1").iloc[0]
+    assert (textual.heldout_pick_speedup, textual.heldout_pick_metric) == (1.0, 0.25)  # the full model
+    with pytest.raises(ValueError, match=r"'risk delta=0.2' .*calibrated: risk delta=0.1, textual delta=0.1\). Fix"):
+        leaderboard(pd.DataFrame(rows), ltt_pick="risk delta=0.2")
+    # the CLI writes a non-default rule's table beside the default one
+    from eebench.cli import main
+
+    write_store(tmp_path, rows)
+    assert main(["leaderboard", "--results", str(tmp_path), "--ltt-pick", "textual delta=0.1"]) == 0
+    assert (tmp_path / "leaderboard_ltt_textual_delta0.1.md").is_file() and not (tmp_path / "leaderboard.md").exists()
+
+
 def test_points_table_keeps_each_sweep_jobs_full_model_apart():
     rows = [*curve("sweep", 0, 0.90, [(1.5, 0.89)], job_id="a", method_config={"alpha": 0.1, "k": 8}),
             *curve("sweep", 0, 0.80, [(2.0, 0.70)], job_id="b", method_config={"alpha": 0.2, "k": 8})]
