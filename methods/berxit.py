@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.methods.deebert import ENTROPY_GRID, entropy_rule, two_stage_fit
+from eebench.methods.deebert import CLIP_SCOPES, ENTROPY_GRID, entropy_rule, two_stage_fit
 from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, exit_loss, sigmoid_row
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
@@ -39,6 +39,10 @@ class BERxiTConfig:
     regression_lte_grid: tuple[float, ...] = REGRESSION_LTE_GRID  # an eebench choice: the spec has one grid
     entropy_grid: tuple[float, ...] = ENTROPY_GRID
     limit_layer: int = 1                   # routine "limit" trains only this exit (a per-layer upper bound)
+    # Routine "two_stage" only: its stage 2's clip scope, as DeeBERT's (`DeeBERTConfig.stage2_clip_scope`). The
+    # release's 2STG ("only_highway" in run_highway_glue.py) back-propagates the off-ramp losses through the
+    # backbone, undetached, and clips model.parameters(): "model". eebench's default: the off-ramps' own norm.
+    stage2_clip_scope: str = "off_ramps"
 
 
 class LTERule:
@@ -73,6 +77,10 @@ class BERxiT:
         self.config = BERxiTConfig(**overrides)
         if self.config.routine not in ROUTINES:
             raise ValueError(f"unknown BERxiT routine {self.config.routine!r}; choose one of {', '.join(ROUTINES)}")
+        if self.config.stage2_clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"stage2_clip_scope must be one of {CLIP_SCOPES}, not {self.config.stage2_clip_scope!r}")
+        if self.config.stage2_clip_scope != "off_ramps" and self.config.routine != "two_stage":
+            raise ValueError(f"stage2_clip_scope applies to routine 'two_stage' only, not {self.config.routine!r}")
         if self.config.exit_signal == "lte" and self.config.routine != "alternate-lte":
             raise ValueError(f"routine {self.config.routine!r} does not train the LTE module: use "
                              "exit_signal='entropy' with it, or routine='alternate-lte'")
@@ -146,7 +154,7 @@ class BERxiT:
         if self.config.routine != "two_stage":
             trainer.train(model.parameters(), self.routine_loss, stage=f"BERxiT {self.config.routine}")
             return
-        two_stage_fit(model, trainer, self.task_kind)  # 2STG = DeeBERT's two stages
+        two_stage_fit(model, trainer, self.task_kind, clip_scope=self.config.stage2_clip_scope)  # 2STG = DeeBERT's
 
     # ---- exit rule ----------------------------------------------------------------------------------
     def knobs(self, task, num_layers: int) -> list[Knob]:
@@ -169,4 +177,6 @@ class BERxiT:
         signature = {"recipe": f"berxit-{self.config.routine}"}
         if self.config.routine == "limit":
             signature["limit_layer"] = self.config.limit_layer
+        if self.config.stage2_clip_scope != "off_ramps":  # the release's: stored checkpoints keep their keys
+            signature["stage2_clip_scope"] = self.config.stage2_clip_scope
         return signature

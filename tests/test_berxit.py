@@ -101,6 +101,26 @@ def test_configuration_errors_name_the_fix():
         BERxiT(routine="all", exit_signal="entropy").attach(load_backbone("tiny-bert"), get_task("stsb"))
 
 
+def test_two_stage_routine_takes_the_releases_clip_scope(monkeypatch):
+    # run_highway_glue.py's 2STG clips model.parameters() with the off-ramp gradients reaching the backbone; the
+    # scope itself is DeeBERT's two_stage_fit, tested in test_deebert.py: here, that BERxiT passes it on.
+    import eebench.methods.berxit as berxit
+
+    seen = []
+    monkeypatch.setattr(berxit, "two_stage_fit", lambda model, trainer, kind, clip_scope: seen.append(clip_scope))
+    for scope in ("off_ramps", "model"):
+        BERxiT(routine="two_stage", exit_signal="entropy", stage2_clip_scope=scope).fit(trainer=None)
+    assert seen == ["off_ramps", "model"]
+    default = BERxiT(routine="two_stage", exit_signal="entropy").training_signature()
+    assert default == {"recipe": "berxit-two_stage"}  # stored checkpoints keep their keys
+    release = BERxiT(routine="two_stage", exit_signal="entropy", stage2_clip_scope="model").training_signature()
+    assert release == {**default, "stage2_clip_scope": "model"}
+    with pytest.raises(ValueError, match="stage2_clip_scope must be one of"):
+        BERxiT(routine="two_stage", exit_signal="entropy", stage2_clip_scope="all")
+    with pytest.raises(ValueError, match="routine 'two_stage' only"):
+        BERxiT(stage2_clip_scope="model")
+
+
 def test_lte_cost_is_charged_to_offramps_not_to_the_full_model():
     method = _method()
     d, c = 32, 2
