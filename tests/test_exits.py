@@ -109,7 +109,8 @@ def _row_rule_cases():
     from torch import nn
 
     from eebench.methods.berxit import LTERule
-    from eebench.methods.consistentee.classification import PolicyRule, policy_net
+    from eebench.methods.consistentee.classification import PolicyRule
+    from eebench.methods.consistentee.policy import policy_net
     from eebench.methods.deebert import entropy_rule
     from eebench.methods.pabee import PatienceRule
     from eebench.methods.pcee import ConfidenceStreakRule

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from eebench.methods.consistentee.classification import (
-    ConsistentEEClassifier,
-    ConsistentEEConfig,
+from eebench.methods.consistentee.classification import ConsistentEEClassifier, ConsistentEEConfig
+from eebench.methods.consistentee.generation import ConsistentEEDecoder, ConsistentEEDecoderConfig
+from eebench.methods.consistentee.policy import (
     group_advantage,
     memorized_layer,
     policy_net,
     reward,
     trajectory,
 )
-from eebench.methods.consistentee.generation import ConsistentEEDecoder, ConsistentEEDecoderConfig
 
 __all__ = ["ConsistentEE", "ConsistentEEClassifier", "ConsistentEEConfig", "ConsistentEEDecoder",
            "ConsistentEEDecoderConfig", "group_advantage", "memorized_layer", "policy_net", "reward", "trajectory"]

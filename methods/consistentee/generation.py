@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eebench.backbones.decoder import causal_bias
-from eebench.methods.consistentee.classification import (
+from eebench.methods.consistentee.policy import (
     group_advantage,
     memorized_layer,
     policy_net,
