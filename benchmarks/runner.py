@@ -148,7 +148,7 @@ def training_context(job: Job, carved: bool = False) -> dict:
     spec = get_task(job.trained_on)
     if spec.kind == "regression":  # heads start at the mean target (older checkpoints did not)
         context["regression_heads"] = "bias at the mean training target"
-    if getattr(spec, "train_split_rule", None):  # the rule changed which rows train holds (older checkpoints)
+    if spec.train_split_rule:  # the rule changed which rows train holds (older checkpoints)
         context["train_split"] = spec.train_split_rule
     return context
 

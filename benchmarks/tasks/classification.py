@@ -101,6 +101,11 @@ class TaskSpec:
     def primary_metric(self) -> str:
         return self.metric_names[0]
 
+    @property
+    def train_split_rule(self) -> str | None:
+        """None: the train split has been cut the same way since the first checkpoint (see the generation spec's)."""
+        return None
+
 
 @dataclass(frozen=True)
 class Example:
@@ -130,6 +135,8 @@ class TaskSpecLike(Protocol):
     def primary_metric(self) -> str: ...
     @property
     def num_labels(self) -> int: ...  # 0 for generation: no label head
+    @property
+    def train_split_rule(self) -> str | None: ...  # enters checkpoint keys when set (runner.training_context)
 
 
 @dataclass
