@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eebench.methods.deebert import CLIP_SCOPES, ENTROPY_GRID, entropy_rule, two_stage_fit
+from eebench.methods.deebert import ENTROPY_GRID, check_clip_scope, entropy_rule, two_stage_fit
 from eebench.methods.exits import ExitHead, MultiExitModel, RuleState, exit_loss, sigmoid_row
 from eebench.methods.protocol import Batch, ExitOutput, Knob, Trainer
 
@@ -77,8 +77,7 @@ class BERxiT:
         self.config = BERxiTConfig(**overrides)
         if self.config.routine not in ROUTINES:
             raise ValueError(f"unknown BERxiT routine {self.config.routine!r}; choose one of {', '.join(ROUTINES)}")
-        if self.config.stage2_clip_scope not in CLIP_SCOPES:
-            raise ValueError(f"stage2_clip_scope must be one of {CLIP_SCOPES}, not {self.config.stage2_clip_scope!r}")
+        check_clip_scope(self.config.stage2_clip_scope)
         if self.config.stage2_clip_scope != "off_ramps" and self.config.routine != "two_stage":
             raise ValueError(f"stage2_clip_scope applies to routine 'two_stage' only, not {self.config.routine!r}")
         if self.config.exit_signal == "lte" and self.config.routine != "alternate-lte":

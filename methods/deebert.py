@@ -36,8 +36,13 @@ class DeeBERTConfig:
     stage2_clip_scope: str = "off_ramps"
 
     def __post_init__(self):
-        if self.stage2_clip_scope not in CLIP_SCOPES:
-            raise ValueError(f"stage2_clip_scope must be one of {CLIP_SCOPES}, not {self.stage2_clip_scope!r}")
+        check_clip_scope(self.stage2_clip_scope)
+
+
+def check_clip_scope(scope: str) -> None:
+    """A stage-2 clip scope (DeeBERT's, and BERxiT's two_stage routine) is one of CLIP_SCOPES."""
+    if scope not in CLIP_SCOPES:
+        raise ValueError(f"stage2_clip_scope must be one of {CLIP_SCOPES}, not {scope!r}")
 
 
 def entropy_rule(threshold: float) -> StatelessRule:
